@@ -1,0 +1,73 @@
+"""SSE frames of the public wire format (PROTOCOL.md §3), encoded once as bytes.
+
+Each function returns one complete frame ending in a blank line, with `\n` line ends
+(WHATWG HTML §9.2.6 accepts `\n`, `\r` and `\r\n`). JSON is produced by orjson, which escapes
+line breaks inside strings, so every payload is a single `data:` line. The change payload
+embeds the event's `data` and `tx` JSON text as they came from Postgres (`orjson.Fragment`),
+without parsing them.
+"""
+
+import orjson
+
+from core.events import Event
+from core.types import Frame
+
+PING: Frame = b": ping\n\n"
+"""The keep-alive comment (PROTOCOL.md §3)."""
+
+
+def _frame(event: str, payload: object, cursor: str | None = None) -> Frame:
+    id_line = b"id: " + cursor.encode() + b"\n" if cursor is not None else b""
+    head = b"event: " + event.encode() + b"\n" + id_line
+    return head + b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def change_payload(event: Event) -> bytes:
+    """The JSON object of a change frame, keys in PROTOCOL.md §3 order (camelCase)."""
+    return orjson.dumps(
+        {
+            "cursor": event.cursor,
+            "type": event.type,
+            "resourceType": event.resource_type,
+            "action": event.action,
+            "entityId": event.entity_id,
+            "workspaceId": event.workspace_id,
+            "streamId": event.stream_id,
+            "userId": event.user_id,
+            "actorId": event.actor_id,
+            "createdAt": event.created_at,
+            "data": orjson.Fragment(event.data) if event.data is not None else None,
+            "tx": orjson.Fragment(event.tx) if event.tx is not None else None,
+        }
+    )
+
+
+def encode_change(event: Event) -> Frame:
+    """`event: change` with `id: <cursor>` and the change payload (PROTOCOL.md §3)."""
+    cursor = event.cursor.encode()
+    return b"event: change\nid: " + cursor + b"\ndata: " + change_payload(event) + b"\n\n"
+
+
+def encode_offset(cursor: str) -> Frame:
+    """`event: offset`, `id: <cursor>`, `data: {"cursor": ...}`: the stream is live from here."""
+    return _frame("offset", {"cursor": cursor}, cursor)
+
+
+def encode_must_refetch(reason: str) -> Frame:
+    """`event: must-refetch` with `data: {"reason": ...}`: the client must prefetch again."""
+    return _frame("must-refetch", {"reason": reason})
+
+
+def encode_close(reason: str) -> Frame:
+    """`event: close` with `data: {"reason": ...}`, sent before the server ends a stream."""
+    return _frame("close", {"reason": reason})
+
+
+def encode_retry(retry_ms: int) -> Frame:
+    """`retry: <ms>`: the reconnection delay an EventSource uses (WHATWG HTML §9.2.6).
+
+    Raises ValueError for a negative delay.
+    """
+    if retry_ms < 0:
+        raise ValueError(f"retry must be >= 0 ms, got {retry_ms}")
+    return b"retry: " + str(retry_ms).encode() + b"\n\n"

@@ -1,0 +1,150 @@
+"""The publisher SDK: the one place that writes the outbox (PROTOCOL.md §1).
+
+Call `publish` or `publish_many` inside your own asyncpg transaction, next to the change the
+event announces; the event becomes visible to the relay exactly when, and only if, your
+transaction commits::
+
+    async with conn.transaction():
+        await conn.execute("INSERT INTO stream_members (stream_id, user_id) VALUES ($1, $2)", s, u)
+        await publish(conn, OutboxEvent(
+            type="stream_member.created", resource_type="stream_member", action="create",
+            entity_id=f"{s}:{u}", workspace_id=w, stream_id=s, user_id=u, actor_id=admin))
+
+Every event is validated before anything is written; a bad one raises `InvalidEvent` and
+writes nothing, so the caller's transaction is not aborted by a CHECK violation.
+"""
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from core.events import ACTIONS, MAX_DATA_BYTES, scope_error
+from core.types import Connection
+
+
+class InvalidEvent(ValueError):
+    """An event the outbox would refuse; the message names the field, the value and the limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """One change to announce: the columns of PROTOCOL.md §1.
+
+    `data` and `tx` are any JSON-serializable values (orjson); `data` may be at most
+    64 KiB (65,536 bytes) as Postgres stores it.
+    """
+
+    type: str
+    resource_type: str
+    action: str
+    entity_id: str
+    workspace_id: str | None = None
+    stream_id: str | None = None
+    user_id: str | None = None
+    actor_id: str | None = None
+    data: Any = None
+    tx: Mapping[str, Any] | None = field(default=None)
+
+    def validate(self) -> tuple[Any, ...]:
+        """The INSERT parameters, in `_COLUMNS` order, with `data`/`tx` as JSON text.
+
+        Raises InvalidEvent for an empty required field, an unknown action, missing scope
+        columns (`core.events.scope_error`), a non-string id, unserializable or oversize `data`.
+        """
+        for name in ("type", "resource_type", "action", "entity_id"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise InvalidEvent(f"{name} must be a non-empty string, got {value!r}")
+        for name in ("workspace_id", "stream_id", "user_id", "actor_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidEvent(f"{name} must be a non-empty string or None, got {value!r}")
+        if self.action not in ACTIONS:
+            raise InvalidEvent(f"action {self.action!r} is not one of {sorted(ACTIONS)}")
+        problem = scope_error(self.resource_type, _scope(self))
+        if problem is not None:
+            raise InvalidEvent(f"event {self.type!r} for {self.entity_id!r}: {problem}")
+        return (
+            self.type,
+            self.resource_type,
+            self.action,
+            self.entity_id,
+            self.workspace_id,
+            self.stream_id,
+            self.user_id,
+            self.actor_id,
+            _data_text(self.data),
+            _json_text(self.tx, "tx"),
+        )
+
+
+def _scope(event: OutboxEvent) -> dict[str, str | None]:
+    return {
+        "workspace_id": event.workspace_id,
+        "stream_id": event.stream_id,
+        "user_id": event.user_id,
+    }
+
+
+_COLUMNS = (
+    "type, resource_type, action, entity_id, workspace_id, stream_id, user_id, actor_id, data, tx"
+)
+
+
+def _json_text(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError as exc:
+        raise InvalidEvent(f"{name} is not JSON-serializable: {exc}") from None
+
+
+def _data_text(value: Any) -> str | None:
+    text = _json_text(value, "data")
+    if text is None:
+        return None
+    size = len(text.encode())
+    if size * 2 > MAX_DATA_BYTES:
+        # Postgres prints jsonb with a space after every ':' and ','; measure that form.
+        size = len(json.dumps(value, separators=(", ", ": "), ensure_ascii=False).encode())
+    if size > MAX_DATA_BYTES:
+        raise InvalidEvent(f"data is {size} bytes serialized; the limit is {MAX_DATA_BYTES} bytes")
+    return text
+
+
+async def publish(conn: Connection, event: OutboxEvent) -> int:
+    """Insert one event into the outbox in the caller's transaction; return its outbox `id`.
+
+    Raises InvalidEvent (nothing written) for an event the outbox would refuse.
+    """
+    params = event.validate()
+    value = await conn.fetchval(
+        f"INSERT INTO outbox ({_COLUMNS}) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb) RETURNING id",
+        *params,
+    )
+    return int(value)
+
+
+async def publish_many(conn: Connection, events: Sequence[OutboxEvent]) -> list[int]:
+    """Insert several events with one statement, in order; return their outbox ids.
+
+    All are validated first: one InvalidEvent and nothing is written. Their cursors follow
+    the order given.
+    """
+    rows = [event.validate() for event in events]
+    if not rows:
+        return []
+    columns = list(zip(*rows, strict=True))
+    records = await conn.fetch(
+        f"INSERT INTO outbox ({_COLUMNS}) "
+        "SELECT a, b, c, d, e, f, g, h, i, j FROM unnest($1::text[], $2::text[], $3::text[],"
+        " $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::jsonb[]) "
+        "WITH ORDINALITY AS t(a, b, c, d, e, f, g, h, i, j, n) ORDER BY n RETURNING id",
+        *[list(column) for column in columns],
+    )
+    return [int(r["id"]) for r in records]

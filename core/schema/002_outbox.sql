@@ -1,0 +1,93 @@
+-- The transactional outbox (PROTOCOL.md §1) and the relay's bookkeeping.
+--
+-- Commit-order rule. BIGSERIAL ids are drawn at INSERT but become visible at COMMIT, so a
+-- reader that follows `id > last` skips a row whose transaction commits after a higher id was
+-- read (event-driven.io, "How Postgres sequences issues can impact your messaging
+-- guarantees"; Threa lost events this way). Here every row also gets `seq`, drawn by a
+-- deferred constraint trigger, i.e. while its transaction commits, under one transaction-level
+-- advisory lock. Postgres makes a transaction visible (ProcArrayEndTransaction) before it
+-- releases its locks, so the next committer draws its `seq` only after the previous one is
+-- visible: `seq` order is commit order, and a reader that follows `seq > last` can never see
+-- a later `seq` before an earlier one. The lock is held only while committing; NOTIFY takes a
+-- database-wide lock at the same point anyway (PreCommit_Notify), so the serialisation costs
+-- little more than the wake-up itself. A rolled-back transaction leaves a harmless gap in `seq`.
+--
+-- The same trigger records, for access-changing events, the row they name as it stands at
+-- commit (`access`), so gateways judge later events against the state after this transaction
+-- without querying the database (PROTOCOL.md §2).
+
+CREATE SEQUENCE IF NOT EXISTS outbox_seq AS bigint;
+
+CREATE TABLE IF NOT EXISTS outbox (
+    id            bigserial PRIMARY KEY,
+    seq           bigint UNIQUE,
+    xid           bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
+    type          text NOT NULL CONSTRAINT outbox_type_not_empty CHECK (type <> ''),
+    resource_type text NOT NULL CONSTRAINT outbox_resource_type_not_empty CHECK (resource_type <> ''),
+    action        text NOT NULL
+                  CONSTRAINT outbox_action CHECK (action IN ('create', 'update', 'delete')),
+    entity_id     text NOT NULL CONSTRAINT outbox_entity_id_not_empty CHECK (entity_id <> ''),
+    workspace_id  text,
+    stream_id     text,
+    user_id       text,
+    actor_id      text,
+    data          jsonb CONSTRAINT outbox_data_max_64kib CHECK (octet_length(data::text) <= 65536),
+    tx            jsonb,
+    access        jsonb,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    committed_at  timestamptz,
+    CONSTRAINT outbox_needs_workspace_or_user CHECK (workspace_id IS NOT NULL OR user_id IS NOT NULL)
+);
+CREATE INDEX IF NOT EXISTS outbox_committed_at ON outbox (committed_at);
+
+CREATE OR REPLACE FUNCTION userstream_outbox_access(r outbox) RETURNS jsonb
+LANGUAGE sql STABLE AS $fn$
+    SELECT CASE r.resource_type
+        WHEN 'membership' THEN jsonb_build_object('row', (
+            SELECT to_jsonb(m) FROM workspace_members m
+            WHERE m.workspace_id = r.workspace_id AND m.user_id = r.user_id))
+        WHEN 'stream_member' THEN jsonb_build_object('row', (
+            SELECT to_jsonb(m) FROM stream_members m
+            WHERE m.stream_id = r.stream_id AND m.user_id = r.user_id))
+        WHEN 'stream' THEN jsonb_build_object('row', (
+            SELECT to_jsonb(s) FROM streams s WHERE s.id = coalesce(r.stream_id, r.entity_id)))
+        WHEN 'workspace' THEN jsonb_build_object('row', (
+            SELECT to_jsonb(w) FROM workspaces w WHERE w.id = coalesce(r.workspace_id, r.entity_id)))
+    END
+$fn$;
+
+CREATE OR REPLACE FUNCTION userstream_outbox_commit() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_advisory_xact_lock(@COMMIT_LOCK@);
+    UPDATE outbox
+       SET seq = nextval('outbox_seq'),
+           committed_at = clock_timestamp(),
+           access = userstream_outbox_access(NEW)
+     WHERE id = NEW.id;
+    PERFORM pg_notify('@NOTIFY_CHANNEL@', '');
+    RETURN NULL;
+END
+$fn$;
+
+DROP TRIGGER IF EXISTS outbox_commit ON outbox;
+CREATE CONSTRAINT TRIGGER outbox_commit
+    AFTER INSERT ON outbox
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION userstream_outbox_commit();
+
+-- Rows the relay could not turn into events: kept with the reason, never retried by itself.
+CREATE TABLE IF NOT EXISTS outbox_dead_letters (
+    outbox_id   bigint PRIMARY KEY,
+    seq         bigint,
+    row_data    jsonb NOT NULL,
+    error       text NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The relay's durable progress: the last position it published to the bus.
+CREATE TABLE IF NOT EXISTS outbox_relay (
+    name       text PRIMARY KEY,
+    position   bigint NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);

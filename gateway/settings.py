@@ -1,0 +1,71 @@
+"""Configuration from environment variables (pydantic-settings).
+
+`DATABASE_URL` and `REDIS_URL` keep their conventional names; everything else is
+`USERSTREAM_<FIELD>` (e.g. `USERSTREAM_KEEPALIVE_S=15`). Units are in the names: `_s`
+seconds, `_ms` milliseconds, `_bytes` bytes.
+"""
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting of gateway, relay and demo; raises pydantic.ValidationError on bad values."""
+
+    model_config = SettingsConfigDict(env_prefix="USERSTREAM_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "USERSTREAM_DATABASE_URL"),
+        description="Postgres DSN; unset: an embedded Postgres in data_dir (one-process mode).",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "USERSTREAM_REDIS_URL"),
+        description="Redis URL; unset: the in-process bus (one process only).",
+    )
+    redis_prefix: str = Field("userstream:", description="Prefix of every Redis key.")
+    jwt_secret: SecretStr | None = Field(None, description="HS256 shared secret.")
+    jwt_public_key: str | None = Field(None, description="PEM public key for RS256/ES256.")
+    jwt_audience: str | None = Field(None, description="Required `aud` claim, if set.")
+    jwt_issuer: str | None = Field(None, description="Required `iss` claim, if set.")
+    jwt_leeway_s: float = Field(5.0, ge=0, description="Clock skew allowed on `exp`, seconds.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    keepalive_s: float = Field(15.0, gt=0, description="Interval of `: ping` comments, seconds.")
+    retry_ms: int = Field(2000, ge=0, description="Smallest `retry:` sent to clients, ms.")
+    retry_jitter_ms: int = Field(3000, ge=0, description="Random extra added to `retry:`, ms.")
+    max_buffer_bytes: int = Field(
+        1_048_576, gt=0, description="Bytes queued per connection before it is cut off."
+    )
+    send_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds a socket may accept nothing while data waits."
+    )
+    window_events: int = Field(
+        10_000, gt=0, description="Recent events kept per gateway for catch-up."
+    )
+    catchup_page_size: int = Field(500, gt=0, description="Rows per catch-up read from Postgres.")
+    relay_name: str = Field("default", description="Name of the relay's progress record.")
+    relay_batch_size: int = Field(500, gt=0, description="Outbox rows per relay batch.")
+    relay_poll_interval_s: float = Field(
+        1.0, gt=0, description="Poll when no notification came, seconds."
+    )
+    relay_standby_retry_s: float = Field(
+        1.0, gt=0, description="How often a standby relay tries to become active, seconds."
+    )
+    bus_max_batches: int = Field(
+        10_000, gt=0, description="Batches the bus keeps (Redis stream MAXLEN ~)."
+    )
+    pool_max_size: int = Field(10, gt=0, description="Postgres connections per gateway process.")
+    data_dir: str = Field(".userstream", description="Folder of the embedded Postgres.")
+    log_format: Literal["console", "json"] = Field("console", description="Log line format.")
+    log_level: str = Field("info", description="Python logging level name.")
+    demo: bool = Field(False, description="Serve the /demo page and its token helper.")
+
+    @model_validator(mode="after")
+    def _one_key_kind(self) -> "Settings":
+        if self.jwt_secret is not None and self.jwt_public_key is not None:
+            raise ValueError("set USERSTREAM_JWT_SECRET or USERSTREAM_JWT_PUBLIC_KEY, not both")
+        return self

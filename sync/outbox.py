@@ -1,0 +1,73 @@
+"""Reading the outbox in commit order (the read side of the rule in core/schema/002_outbox.sql).
+
+`fetch_after(conn, after, limit)` returns committed rows with `seq > after` in `seq` order.
+Because `seq` is drawn at commit under one lock, a row that commits later always has a greater
+`seq` than every row already visible, so following `seq > last` never skips a late committer
+(the BIGSERIAL-gap problem: event-driven.io, "How Postgres sequences issues can impact your
+messaging guarantees"; commanded/eventstore#3). No wall-clock gap detection is needed.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import orjson
+
+from core.events import Event, MalformedEvent
+from core.types import Connection, Row
+
+_SELECT = (
+    "SELECT id, seq, xid, type, resource_type, action, entity_id, workspace_id, stream_id,"
+    " user_id, actor_id, data, tx, access, created_at, committed_at FROM outbox"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A row that `Event.from_row` refused, with the reason."""
+
+    row: Row
+    error: str
+
+
+@dataclass(slots=True)
+class Page:
+    """Events read from the outbox, the rows refused, and `last`: the highest `seq` read.
+
+    `last` equals the cursor to continue from even when the last rows were malformed;
+    it is the `after` given when nothing was read.
+    """
+
+    events: list[Event] = field(default_factory=list)
+    malformed: list[Malformed] = field(default_factory=list)
+    last: int = 0
+
+
+async def fetch_after(conn: Connection, after: int, limit: int) -> list[Row]:
+    """Up to `limit` committed outbox rows with `seq > after`, in `seq` (commit) order."""
+    return list(await conn.fetch(f"{_SELECT} WHERE seq > $1 ORDER BY seq LIMIT $2", after, limit))
+
+
+async def read_page(conn: Connection, after: int, limit: int) -> Page:
+    """`fetch_after` turned into events; rows that are not valid events go to `malformed`."""
+    page = Page(last=after)
+    for row in await fetch_after(conn, after, limit):
+        try:
+            page.events.append(Event.from_row(row))
+        except MalformedEvent as exc:
+            page.malformed.append(Malformed(row, str(exc)))
+        page.last = int(row["seq"])
+    return page
+
+
+async def record_dead_letters(conn: Connection, malformed: Sequence[Malformed]) -> None:
+    """Keep refused rows in `outbox_dead_letters` with their reason (idempotent per row)."""
+    if not malformed:
+        return
+    await conn.executemany(
+        "INSERT INTO outbox_dead_letters (outbox_id, seq, row_data, error)"
+        " VALUES ($1, $2, $3::jsonb, $4) ON CONFLICT (outbox_id) DO NOTHING",
+        [
+            (m.row["id"], m.row["seq"], orjson.dumps(dict(m.row), default=str).decode(), m.error)
+            for m in malformed
+        ],
+    )

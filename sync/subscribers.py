@@ -1,0 +1,207 @@
+"""Connected subscribers: each one's bounded send buffer, and the index of them by channel.
+
+A `Subscriber` is one `/me/stream` connection. The dispatcher hands it complete SSE frames
+with `offer`, which never waits: it queues bytes, or refuses them when the bytes queued and
+not yet accepted by the socket would pass `max_buffer_bytes` (PROTOCOL.md §4 Isolation;
+centrifuge's `ClientQueueMaxSize`, 1 MiB). The response writes everything queued in one chunk
+per wake-up (`frames`), so a burst costs one socket write, not one per event.
+
+`StreamSubscriberManager` indexes subscribers by id, by user and by channel, with O(1)
+register, unregister, channel add/remove and lookup, and no empty entries left behind.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator, Collection, Iterable
+
+from core.frames import encode_close
+from core.types import ChannelKey, Frame
+
+
+class SubscriberClosed(RuntimeError):
+    """`offer` was called on a subscriber after `close`."""
+
+
+class Subscriber:
+    """One connection's send buffer: frames queued as bytes, written in batches.
+
+    `after` is the position of the last event this subscriber has been given (or must not be
+    given again); the dispatcher offers it only events past `after`. `admin` is the token's
+    `system_role: "admin"` claim. `max_buffer_bytes` must be > 0 (ValueError otherwise).
+    """
+
+    __slots__ = (
+        "_bytes",
+        "_closed",
+        "_inflight",
+        "_queue",
+        "_wakeup",
+        "admin",
+        "after",
+        "close_reason",
+        "id",
+        "max_buffer_bytes",
+        "user_id",
+    )
+
+    def __init__(
+        self, id: str, user_id: str, *, max_buffer_bytes: int, after: int = 0, admin: bool = False
+    ) -> None:
+        if max_buffer_bytes <= 0:
+            raise ValueError(f"max_buffer_bytes must be > 0, got {max_buffer_bytes}")
+        self.id = id
+        self.user_id = user_id
+        self.admin = admin
+        self.after = after
+        self.max_buffer_bytes = max_buffer_bytes
+        self.close_reason: str | None = None
+        self._queue: list[Frame] = []
+        self._bytes = 0
+        self._inflight = 0
+        self._closed = False
+        self._wakeup = asyncio.Event()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes queued or handed to the socket and not yet accepted by it."""
+        return self._bytes + self._inflight
+
+    @property
+    def closed(self) -> bool:
+        """True once `close` was called."""
+        return self._closed
+
+    def offer(self, frame: Frame) -> bool:
+        """Queue one or more complete SSE frames (ending in a blank line) without waiting.
+
+        Returns False and queues nothing when the buffered bytes would exceed
+        `max_buffer_bytes`; the caller then closes with reason "slow_consumer"
+        (PROTOCOL.md §4 Isolation). Raises SubscriberClosed after `close`.
+        """
+        if self._closed:
+            raise SubscriberClosed(f"subscriber {self.id} is closed ({self.close_reason})")
+        if self._bytes + self._inflight + len(frame) > self.max_buffer_bytes:
+            return False
+        self._queue.append(frame)
+        self._bytes += len(frame)
+        self._wakeup.set()
+        return True
+
+    def close(self, reason: str, *, farewell: Frame = b"") -> None:
+        """End the stream: drop what is queued, send `farewell` (e.g. a `retry:` frame) and an
+        `event: close` frame with `reason` (PROTOCOL.md §3), then `frames()` ends.
+
+        Frames dropped here are not lost: the client resumes from the last `id` it received.
+        Calling it again does nothing.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.close_reason = reason
+        self._queue = [farewell + encode_close(reason)]
+        self._bytes = len(self._queue[0])
+        self._wakeup.set()
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        """Everything queued, joined into one chunk per wake-up; ends after `close`.
+
+        While a chunk is being written (between this generator's yield and its resumption)
+        its size counts towards `buffered_bytes`.
+        """
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if not self._queue:
+                continue
+            chunk = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
+            self._queue = []
+            self._bytes = 0
+            self._inflight = len(chunk)
+            yield chunk
+            self._inflight = 0
+            if self._closed and not self._queue:
+                return
+
+
+class StreamSubscriberManager:
+    """Subscribers indexed by id, user and channel; every operation is O(1) per channel."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Subscriber] = {}
+        self._channels: dict[str, set[ChannelKey]] = {}
+        self._by_channel: dict[ChannelKey, dict[str, Subscriber]] = {}
+        self._by_user: dict[str, dict[str, Subscriber]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def register(self, subscriber: Subscriber, channels: Iterable[ChannelKey]) -> None:
+        """Add a subscriber listening on `channels`. Raises ValueError if its id is taken."""
+        if subscriber.id in self._by_id:
+            raise ValueError(f"subscriber {subscriber.id} is already registered")
+        self._by_id[subscriber.id] = subscriber
+        self._channels[subscriber.id] = set()
+        self._by_user.setdefault(subscriber.user_id, {})[subscriber.id] = subscriber
+        self.add_channels(subscriber.id, channels)
+
+    def unregister(self, subscriber_id: str) -> Subscriber | None:
+        """Remove a subscriber from every index; returns it, or None if it was not registered."""
+        subscriber = self._by_id.pop(subscriber_id, None)
+        if subscriber is None:
+            return None
+        self.remove_channels(subscriber_id, list(self._channels[subscriber_id]))
+        del self._channels[subscriber_id]
+        _discard(self._by_user, subscriber.user_id, subscriber_id)
+        return subscriber
+
+    def add_channels(self, subscriber_id: str, channels: Iterable[ChannelKey]) -> None:
+        """Start delivering `channels` to a registered subscriber. Raises KeyError if unknown."""
+        subscriber = self._by_id[subscriber_id]
+        joined = self._channels[subscriber_id]
+        for channel in channels:
+            if channel not in joined:
+                joined.add(channel)
+                self._by_channel.setdefault(channel, {})[subscriber_id] = subscriber
+
+    def remove_channels(self, subscriber_id: str, channels: Iterable[ChannelKey]) -> None:
+        """Stop delivering `channels` to a subscriber; unknown ids and channels are ignored."""
+        joined = self._channels.get(subscriber_id)
+        if joined is None:
+            return
+        for channel in channels:
+            if channel in joined:
+                joined.discard(channel)
+                _discard(self._by_channel, channel, subscriber_id)
+
+    def get(self, subscriber_id: str) -> Subscriber | None:
+        """The subscriber with this id, if registered."""
+        return self._by_id.get(subscriber_id)
+
+    def get_by_channel(self, channel: ChannelKey) -> Collection[Subscriber]:
+        """Subscribers listening on `channel` (a live view: copy it before changing the index)."""
+        entries = self._by_channel.get(channel)
+        return entries.values() if entries is not None else ()
+
+    def get_by_user(self, user_id: str) -> Collection[Subscriber]:
+        """The user's registered subscribers (a live view)."""
+        entries = self._by_user.get(user_id)
+        return entries.values() if entries is not None else ()
+
+    def channels_of(self, subscriber_id: str) -> frozenset[ChannelKey]:
+        """The channels a subscriber listens on (empty if unknown)."""
+        return frozenset(self._channels.get(subscriber_id, ()))
+
+    def count(self, channel: ChannelKey) -> int:
+        """Number of subscribers on one channel."""
+        return len(self._by_channel.get(channel, ()))
+
+    def channel_counts(self) -> dict[ChannelKey, int]:
+        """Subscribers per channel, for every channel that has any."""
+        return {channel: len(subs) for channel, subs in self._by_channel.items()}
+
+
+def _discard(index: dict[str, dict[str, Subscriber]], key: str, subscriber_id: str) -> None:
+    entries = index.get(key)
+    if entries is not None:
+        entries.pop(subscriber_id, None)
+        if not entries:
+            del index[key]

@@ -1,0 +1,92 @@
+"""Fixtures shared by every test: real Postgres and Redis, one database and key prefix per test."""
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import nanoid
+import pytest
+import redis.asyncio as aioredis
+
+from core.schema.migrations import migrate
+from tests.services import PgServer, postgres_server, redis_server
+
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def short_id() -> str:
+    """A random lower-case id, usable in database names and Redis prefixes."""
+    return str(nanoid.generate(_ALPHABET, 10))
+
+
+async def _admin(server: PgServer, sql: str) -> None:
+    conn = await asyncpg.connect(server.dsn("postgres"))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_server: PgServer) -> Iterator[str]:
+    """A migrated database that each test's database is copied from."""
+    name = f"ustmpl_{short_id()}"
+
+    async def create() -> None:
+        await _admin(pg_server, f"CREATE DATABASE {name}")
+        conn = await asyncpg.connect(pg_server.dsn(name))
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    yield name
+    asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+def database_url(pg_server: PgServer, template_database: str) -> Iterator[str]:
+    """DSN of a fresh, migrated database of this test's own (dropped afterwards)."""
+    name = f"ust_{short_id()}"
+    asyncio.run(_admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {template_database}"))
+    yield pg_server.dsn(name)
+    asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to this test's database."""
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"ustest:{short_id()}:"
+    yield prefix
+
+    async def cleanup() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
+
+    asyncio.run(cleanup())
