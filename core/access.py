@@ -141,7 +141,9 @@ def apply_event(state: AccessState, event: Event) -> list[ChannelChange]:
     """Bring `state` to the position just after `event` and return the channel changes.
 
     Only access-changing events (`Event.changes_access`) with a captured after-image change
-    anything; rows of untracked users and workspaces are ignored. A workspace's streams must
+    anything; rows of untracked users and workspaces are ignored. A `stream` event of a stream
+    that is not public also carries its current member ids (`access.members`), which replace
+    the tracked users' memberships of that stream. A workspace's streams must
     already be loaded when one of its members turns active (see `workspaces_to_load`).
     """
     if not event.changes_access or event.access is None:
@@ -201,10 +203,21 @@ def _apply_stream(state: AccessState, event: Event, row: Mapping[str, Any] | Non
         streams = state.streams.get(row["workspace_id"])
         if streams is not None:
             streams[row["id"]] = StreamInfo.from_row(row)
+        members = (event.access or {}).get("members")
+        if isinstance(members, list):
+            _apply_stream_members(state, row["id"], set(members))
         return
     stream_id = event.stream_id or event.entity_id
     if event.workspace_id is not None and event.workspace_id in state.streams:
         state.streams[event.workspace_id].pop(stream_id, None)
+
+
+def _apply_stream_members(state: AccessState, stream_id: str, members: set[str]) -> None:
+    for user in state.users.values():
+        if user.user_id in members:
+            user.streams.add(stream_id)
+        else:
+            user.streams.discard(stream_id)
 
 
 def _drop_workspace(state: AccessState, workspace_id: str) -> list[ChannelChange]:

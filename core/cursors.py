@@ -38,14 +38,20 @@ def parse_cursor(text: str) -> int:
     Raises InvalidCursor, naming the value, for anything else (including upper-case hex).
     """
     if not isinstance(text, str) or not _CURSOR_RE.fullmatch(text):
-        shown = text if isinstance(text, str) and len(text) <= 64 else f"{str(text)[:64]}..."
         raise InvalidCursor(
-            f"invalid cursor {shown!r}: expected {CURSOR_LENGTH} lower-case hex digits"
+            f"invalid cursor {_shown(text)}: expected {CURSOR_LENGTH} lower-case hex digits"
         )
     position = int(text, 16)
     if position > MAX_POSITION:
         raise InvalidCursor(f"invalid cursor {text!r}: beyond the largest position")
     return position
+
+
+def _shown(value: object) -> str:
+    # A string (at most 64 characters of it) by repr; anything else by its type only.
+    if isinstance(value, str):
+        return repr(value if len(value) <= 64 else f"{value[:64]}...")
+    return f"of type {type(value).__name__}"
 
 
 async def current_position(conn: Connection) -> int:

@@ -106,7 +106,7 @@ class Event:
         missing or of the wrong type, `action` is unknown, or the scope columns are missing
         (`scope_error`).
         """
-        ident = row.get("seq", row.get("id"))
+        ident = row.get("seq") if row.get("seq") is not None else row.get("id")
         try:
             return cls._from_row(row)
         except MalformedEvent as exc:

@@ -36,10 +36,21 @@ def change_payload(event: Event) -> bytes:
             "userId": event.user_id,
             "actorId": event.actor_id,
             "createdAt": event.created_at,
-            "data": orjson.Fragment(event.data) if event.data is not None else None,
-            "tx": orjson.Fragment(event.tx) if event.tx is not None else None,
+            "data": _embedded(event.data),
+            "tx": _embedded(event.tx),
         }
     )
+
+
+def _embedded(text: str | None) -> orjson.Fragment | None:
+    # Valid JSON text holds line breaks only as whitespace between tokens (inside strings
+    # they are escaped), so turning them into spaces keeps the value and keeps the frame to
+    # one `data:` line. Postgres `jsonb` output has none; this guards any other source.
+    if text is None:
+        return None
+    if "\n" in text or "\r" in text:
+        text = text.replace("\r", " ").replace("\n", " ")
+    return orjson.Fragment(text)
 
 
 def encode_change(event: Event) -> Frame:

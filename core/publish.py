@@ -109,8 +109,10 @@ def _data_text(value: Any) -> str | None:
         return None
     size = len(text.encode())
     if size * 2 > MAX_DATA_BYTES:
-        # Postgres prints jsonb with a space after every ':' and ','; measure that form.
-        size = len(json.dumps(value, separators=(", ", ": "), ensure_ascii=False).encode())
+        # Postgres prints jsonb with a space after every ':' and ','; measure that form, from
+        # the JSON text so that values only orjson serializes (datetime, UUID...) are measured.
+        spaced = json.dumps(orjson.loads(text), separators=(", ", ": "), ensure_ascii=False)
+        size = len(spaced.encode())
     if size > MAX_DATA_BYTES:
         raise InvalidEvent(f"data is {size} bytes serialized; the limit is {MAX_DATA_BYTES} bytes")
     return text

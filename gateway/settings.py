@@ -7,7 +7,7 @@ seconds, `_ms` milliseconds, `_bytes` bytes.
 
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -62,7 +62,13 @@ class Settings(BaseSettings):
     data_dir: str = Field(".userstream", description="Folder of the embedded Postgres.")
     log_format: Literal["console", "json"] = Field("console", description="Log line format.")
     log_level: str = Field("info", description="Python logging level name.")
+    with_relay: bool = Field(False, description="Run the outbox relay in the gateway process.")
     demo: bool = Field(False, description="Serve the /demo page and its token helper.")
+
+    @field_validator("database_url", "redis_url", "jwt_secret", "jwt_public_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _one_key_kind(self) -> "Settings":

@@ -51,7 +51,10 @@ class Batch:
     def decode(cls, payload: bytes | str) -> "Batch":
         """Inverse of `encode`. Raises ValueError (or MalformedEvent) for a foreign payload."""
         body = orjson.loads(payload)
-        return cls(int(body["prev"]), tuple(Event.from_row(e) for e in body["events"]))
+        try:
+            return cls(int(body["prev"]), tuple(Event.from_row(e) for e in body["events"]))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not an encoded batch: {type(exc).__name__}: {exc}") from None
 
 
 class Bus(Protocol):

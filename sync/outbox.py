@@ -43,8 +43,20 @@ class Page:
 
 
 async def fetch_after(conn: Connection, after: int, limit: int) -> list[Row]:
-    """Up to `limit` committed outbox rows with `seq > after`, in `seq` (commit) order."""
-    return list(await conn.fetch(f"{_SELECT} WHERE seq > $1 ORDER BY seq LIMIT $2", after, limit))
+    """Committed outbox rows with `seq > after`, in `seq` (commit) order, whole transactions.
+
+    Reads `limit` rows, then, if the page is full, the rest of its last transaction: one
+    transaction's rows have consecutive positions (drawn under the commit lock), and a reader
+    must see all of them together to judge them against the state after that transaction
+    (PROTOCOL.md §2). A page may therefore hold more than `limit` rows.
+    """
+    rows = list(await conn.fetch(f"{_SELECT} WHERE seq > $1 ORDER BY seq LIMIT $2", after, limit))
+    if len(rows) == limit and rows:
+        last = rows[-1]
+        rows += await conn.fetch(
+            f"{_SELECT} WHERE seq > $1 AND xid = $2 ORDER BY seq", last["seq"], last["xid"]
+        )
+    return rows
 
 
 async def read_page(conn: Connection, after: int, limit: int) -> Page:

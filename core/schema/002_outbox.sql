@@ -14,7 +14,9 @@
 --
 -- The same trigger records, for access-changing events, the row they name as it stands at
 -- commit (`access`), so gateways judge later events against the state after this transaction
--- without querying the database (PROTOCOL.md §2).
+-- without querying the database (PROTOCOL.md §2). For a stream that is not public it also
+-- records the current members, so that members added in the transaction that announces the
+-- stream can read the announcement even if their rows were not announced one by one.
 
 CREATE SEQUENCE IF NOT EXISTS outbox_seq AS bigint;
 
@@ -49,8 +51,14 @@ LANGUAGE sql STABLE AS $fn$
         WHEN 'stream_member' THEN jsonb_build_object('row', (
             SELECT to_jsonb(m) FROM stream_members m
             WHERE m.stream_id = r.stream_id AND m.user_id = r.user_id))
-        WHEN 'stream' THEN jsonb_build_object('row', (
-            SELECT to_jsonb(s) FROM streams s WHERE s.id = coalesce(r.stream_id, r.entity_id)))
+        WHEN 'stream' THEN (
+            SELECT jsonb_build_object('row', to_jsonb(s), 'members', CASE
+                WHEN s.visibility <> 'public' THEN coalesce((
+                    SELECT jsonb_agg(m.user_id ORDER BY m.user_id) FROM stream_members m
+                    WHERE m.stream_id = s.id AND m.left_at IS NULL), '[]'::jsonb)
+                END)
+            FROM (SELECT coalesce(r.stream_id, r.entity_id) AS id) k
+            LEFT JOIN streams s ON s.id = k.id)
         WHEN 'workspace' THEN jsonb_build_object('row', (
             SELECT to_jsonb(w) FROM workspaces w WHERE w.id = coalesce(r.workspace_id, r.entity_id)))
     END

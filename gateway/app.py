@@ -1,0 +1,47 @@
+"""The ASGI application: `create_app(settings)` builds everything; nothing runs at import.
+
+Routes: `GET /me/stream` (PROTOCOL.md §3), `GET /healthz`, `GET /readyz`, and in demo mode
+`/demo` with its helpers. `app_from_env()` is the factory uvicorn imports in worker processes.
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute, Route
+
+from gateway.demo_page import demo_routes
+from gateway.health import healthz, readyz
+from gateway.logs import configure_logging
+from gateway.runtime import Runtime
+from gateway.settings import Settings
+from gateway.stream import me_stream
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The gateway app; its lifespan starts and stops a `Runtime` built from `settings`."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        runtime = await Runtime.start(settings)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await runtime.close()
+
+    routes: list[BaseRoute] = [
+        Route("/me/stream", me_stream),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+    ]
+    if settings.demo:
+        routes += demo_routes()
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def app_from_env() -> Starlette:
+    """`create_app(Settings())`: the factory for `uvicorn --factory` and worker processes."""
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    return create_app(settings)

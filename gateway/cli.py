@@ -1,0 +1,126 @@
+"""The `userstream` command line: it parses options and hands over (uvicorn's `main.py` style).
+
+    userstream migrate                      apply the schema (idempotent)
+    userstream relay                        run an outbox relay (one active, others standby)
+    userstream serve [--host H] [--port P] [--with-relay] [--workers N]
+    userstream token --user ID [--ttl S] [--admin]
+    userstream demo [--host H] [--port P] [--rate R]
+
+Settings come from the environment (`gateway.settings`); options override them.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import asyncpg
+import uvicorn
+
+from core.schema.migrations import migrate
+from gateway.auth import Authenticator
+from gateway.logs import configure_logging
+from gateway.runtime import make_bus, make_relay
+from gateway.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="userstream", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("migrate", help="apply the database schema (idempotent)")
+    commands.add_parser("relay", help="move outbox rows to the bus, in commit order")
+    serve = commands.add_parser("serve", help="run the gateway (GET /me/stream)")
+    serve.add_argument("--host", help="address to listen on (USERSTREAM_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (USERSTREAM_PORT)")
+    serve.add_argument("--with-relay", action="store_true", help="also run the relay")
+    serve.add_argument("--workers", type=int, default=1, help="gateway processes (needs Redis)")
+    token = commands.add_parser("token", help="print a token signed with USERSTREAM_JWT_SECRET")
+    token.add_argument("--user", required=True, help="the token's `sub`")
+    token.add_argument("--ttl", type=float, default=3600, help="lifetime in seconds")
+    token.add_argument("--admin", action="store_true", help='add `system_role: "admin"`')
+    demo = commands.add_parser("demo", help="everything in one process, with simulated activity")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    demo.add_argument("--port", type=int, default=8080, help="port to listen on (0: any)")
+    demo.add_argument("--rate", type=float, default=2.0, help="simulated changes per second")
+    return parser
+
+
+async def _migrate(settings: Settings) -> None:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        applied = await migrate(conn)
+    finally:
+        await conn.close()
+    print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+
+
+async def _relay(settings: Settings) -> None:
+    bus = make_bus(settings)
+    relay = make_relay(settings, bus)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await relay.run(stop)
+    finally:
+        await bus.close()
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> None:
+    overrides = {"USERSTREAM_HOST": args.host, "USERSTREAM_PORT": args.port}
+    if args.with_relay:
+        overrides["USERSTREAM_WITH_RELAY"] = "true"
+    for key, value in overrides.items():
+        if value is not None:
+            os.environ[key] = str(value)
+    settings = Settings()
+    if args.workers > 1 and not settings.redis_url:
+        sys.exit("--workers > 1 needs REDIS_URL: the in-process bus cannot reach other processes")
+    if not settings.database_url:
+        from gateway.embedded import start_embedded_postgres
+
+        os.environ["DATABASE_URL"] = start_embedded_postgres(settings.data_dir).dsn
+        asyncio.run(_migrate(Settings()))
+    uvicorn.run(
+        "gateway.app:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=args.workers,
+        log_config=None,
+        timeout_graceful_shutdown=int(settings.send_timeout_s) + 5,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `userstream` console script."""
+    args = _parser().parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    if args.command == "serve":
+        _serve(settings, args)
+        return
+    if args.command == "demo":
+        from gateway.demo import run_demo
+
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_demo(settings, host=args.host, port=args.port, rate=args.rate))
+        return
+    if args.command == "token":
+        print(Authenticator(settings).mint(args.user, args.ttl, **_admin(args.admin)))
+        return
+    if not settings.database_url:
+        sys.exit("DATABASE_URL is not set")
+    asyncio.run(_migrate(settings) if args.command == "migrate" else _relay(settings))
+
+
+def _admin(admin: bool) -> dict[str, str]:
+    return {"system_role": "admin"} if admin else {}
+
+
+if __name__ == "__main__":
+    main()

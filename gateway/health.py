@@ -1,0 +1,41 @@
+"""Liveness (`/healthz`: the process answers) and readiness (`/readyz`: it can serve).
+
+Readiness checks Postgres (`SELECT 1`), the bus (`ping`) and reports the relay's lag (rows
+committed but not yet relayed, and the age of the oldest, from `sync.relay.relay_lag`) and
+this gateway's dispatch position. It answers 503 when Postgres or the bus is unreachable.
+"""
+
+import asyncio
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from core.cursors import format_cursor
+from gateway.runtime import Runtime
+from sync.relay import relay_lag
+
+CHECK_TIMEOUT_S = 2.0
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """200 `{"status": "ok"}` while the event loop runs."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    """200 with the checks when Postgres and the bus answer within 2 s, else 503."""
+    runtime: Runtime = request.app.state.runtime
+    body: dict[str, object] = {"position": format_cursor(runtime.dispatcher.position)}
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            async with runtime.pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+                rows, seconds = await relay_lag(conn, runtime.settings.relay_name)
+        body["postgres"] = "ok"
+        body["relay_lag"] = {"rows": rows, "seconds": round(seconds, 3)}
+    except (TimeoutError, OSError, Exception) as exc:  # any failure means "not ready"
+        body["postgres"] = f"unavailable: {type(exc).__name__}"
+    body["bus"] = "ok" if await runtime.bus.ping() else "unavailable"
+    ready = body["postgres"] == "ok" and body["bus"] == "ok"
+    body["status"] = "ready" if ready else "unavailable"
+    return JSONResponse(body, status_code=200 if ready else 503)

@@ -1,0 +1,118 @@
+"""Everything a gateway process runs, built from settings and passed explicitly (no globals).
+
+`Runtime.start(settings)` opens the Postgres pool and the bus, starts the dispatcher (and, in
+one-process mode or with `with_relay`, an outbox relay) as tasks; `close()` stops them in
+reverse order: tasks, bus, pool (arq's `close()`).
+"""
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from core.frames import encode_retry
+from core.types import Frame
+from gateway.auth import Authenticator
+from gateway.settings import Settings
+from sync.access_cache import AccessCache
+from sync.bus import Bus
+from sync.bus_memory import InProcessBus
+from sync.bus_redis import RedisBus
+from sync.dispatcher import Dispatcher
+from sync.relay import OutboxRelay
+from sync.subscribers import StreamSubscriberManager
+
+logger = logging.getLogger(__name__)
+
+
+def make_bus(settings: Settings) -> Bus:
+    """A RedisBus when `REDIS_URL` is set, else the in-process bus (one process only)."""
+    if settings.redis_url:
+        return RedisBus(
+            settings.redis_url, settings.redis_prefix, max_batches=settings.bus_max_batches
+        )
+    return InProcessBus(max_batches=settings.bus_max_batches)
+
+
+def retry_frame(settings: Settings) -> Frame:
+    """A `retry:` frame of `retry_ms` plus up to `retry_jitter_ms` at random, so that clients
+    cut off together do not reconnect together (FIELD-NOTES §6, WHATWG HTML §9.2.3)."""
+    return encode_retry(settings.retry_ms + random.randint(0, settings.retry_jitter_ms))
+
+
+def make_relay(settings: Settings, bus: Bus) -> OutboxRelay:
+    """An outbox relay configured from settings. Raises ValueError without DATABASE_URL."""
+    if not settings.database_url:
+        raise ValueError("DATABASE_URL is not set")
+    return OutboxRelay(
+        settings.database_url,
+        bus,
+        name=settings.relay_name,
+        batch_size=settings.relay_batch_size,
+        poll_interval_s=settings.relay_poll_interval_s,
+        standby_retry_s=settings.relay_standby_retry_s,
+    )
+
+
+@dataclass
+class Runtime:
+    """The live parts of one gateway process."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    bus: Bus
+    dispatcher: Dispatcher
+    auth: Authenticator
+    relay: OutboxRelay | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, settings: Settings) -> "Runtime":
+        """Connect and start background work. Raises ValueError on unusable settings (no
+        database, no JWT key, or several processes without Redis), OSError or asyncpg errors
+        when Postgres is unreachable."""
+        if not settings.database_url:
+            raise ValueError("DATABASE_URL is not set")
+        auth = Authenticator(settings)
+        pool = await asyncpg.create_pool(
+            settings.database_url, min_size=1, max_size=settings.pool_max_size
+        )
+        bus = make_bus(settings)
+        dispatcher = Dispatcher(
+            bus,
+            pool,
+            StreamSubscriberManager(),
+            AccessCache(),
+            window_events=settings.window_events,
+            page_size=settings.catchup_page_size,
+            retry_frame=lambda: retry_frame(settings),
+        )
+        runtime = cls(settings, pool, bus, dispatcher, auth)
+        await dispatcher.start()
+        runtime.tasks.append(asyncio.create_task(dispatcher.run(runtime.stop), name="dispatcher"))
+        if settings.with_relay or not settings.redis_url:
+            runtime.relay = make_relay(settings, bus)
+            runtime.tasks.append(asyncio.create_task(runtime.relay.run(runtime.stop), name="relay"))
+        logger.info(
+            "gateway started at position %d (bus: %s, relay: %s)",
+            dispatcher.position,
+            type(bus).__name__,
+            "in process" if runtime.relay else "separate",
+        )
+        return runtime
+
+    async def close(self) -> None:
+        """Stop the tasks (5 s grace, then cancel), close the bus, then the pool."""
+        self.stop.set()
+        if self.tasks:
+            _, pending = await asyncio.wait(self.tasks, timeout=5)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.bus.close()
+        await self.pool.close()

@@ -1,0 +1,147 @@
+"""Opening a stream: load access, catch up, and hand over to live with no gap and no duplicate.
+
+The handoff, for a subscriber starting after position `a` (its cursor, or the snapshot's
+position for `offset=now`):
+
+1. Load the user's access in one snapshot at position `c` and install it at the dispatcher's
+   position (`AccessCache.install`, replaying the dispatcher's recent window when `c` is behind).
+2. While `a` is older than what the dispatcher's recent window holds (`RecentEvents.floor`),
+   read pages of events after `a` from Postgres and send those the user may read. A page may
+   run past the dispatcher: that is fine, `a` moves with it.
+3. Then, without awaiting anything (so the dispatcher cannot move in between): take the window's
+   events after `a`, register the subscriber with `after = max(a, dispatcher position)`, and
+   queue the `offset` frame. From here the dispatcher offers it only events past `after`.
+
+Each event is therefore sent once: by Postgres paging, by the window, or live. The replayed part
+is judged against the access state as it stands at the reconnect; live events against the
+state at their own position (centrifuge `internal/recovery`, which merges history and live
+publications by offset the same way).
+"""
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from core.access import can_receive
+from core.channels import user_channel, workspace_channel
+from core.cursors import format_cursor
+from core.frames import encode_change, encode_must_refetch, encode_offset
+from core.types import Frame
+from sync.access_cache import Snapshot
+from sync.dispatcher import Dispatcher
+from sync.outbox import read_page
+from sync.subscribers import Subscriber
+
+logger = logging.getLogger(__name__)
+
+INSTALL_ATTEMPTS = 3
+
+
+class AccessLoadFailed(RuntimeError):
+    """The access state could not be installed consistently after `INSTALL_ATTEMPTS` loads."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRequest:
+    """Who connects and from where: `after` None means `now`; `refetch_reason` set means the
+    client's cursor is unusable and it gets `must-refetch` before going live (PROTOCOL.md §3)."""
+
+    user_id: str
+    admin: bool = False
+    after: int | None = None
+    refetch_reason: str | None = None
+
+
+async def open_stream(
+    dispatcher: Dispatcher,
+    request: StreamRequest,
+    subscriber: Subscriber,
+    *,
+    first: Frame = b"",
+    page_size: int = 500,
+    on_open: Callable[[int], None] | None = None,
+) -> AsyncIterator[Frame]:
+    """The frames of one `/me/stream` response: `first` (the `retry:` frame, sent at once),
+    catch-up, `offset`, then live frames from `subscriber` until it is closed.
+
+    `on_open(position)` is called once the subscriber is live. The subscriber is unregistered
+    and its user's access released when the iterator ends, however it ends.
+    Raises AccessLoadFailed when the access state cannot be installed.
+    """
+    cache = dispatcher.cache
+    installed = False
+    try:
+        yield first
+        snapshot = await _install(dispatcher, request.user_id)
+        installed = True
+        after, head = _start_position(dispatcher, request, snapshot)
+        if head:
+            yield head
+        while after < dispatcher.window.floor:
+            chunk, after = await _page(dispatcher, request, after, page_size)
+            if chunk:
+                yield chunk
+        # From here to the registration nothing may await: the dispatcher must not move.
+        replay = [
+            encode_change(e)
+            for e in dispatcher.window.after(after)
+            if can_receive(cache.state, request.user_id, e, admin=request.admin)
+        ]
+        live_from = max(after, dispatcher.position)
+        subscriber.after = live_from
+        channels = [user_channel(request.user_id)]
+        channels += [workspace_channel(ws) for ws in cache.channels_of(request.user_id)]
+        dispatcher.manager.register(subscriber, channels)
+        offset = encode_offset(format_cursor(live_from if request.after is not None else after))
+        frames = [*replay, offset] if request.after is not None else [offset, *replay]
+        if on_open is not None:
+            on_open(live_from)
+        yield b"".join(frames)
+        async for chunk in subscriber.frames():
+            yield chunk
+    finally:
+        dispatcher.manager.unregister(subscriber.id)
+        if installed:
+            cache.release(request.user_id)
+
+
+async def _install(dispatcher: Dispatcher, user_id: str) -> Snapshot:
+    for _ in range(INSTALL_ATTEMPTS):
+        snapshot = await dispatcher.cache.load(dispatcher.pool, user_id)
+        if snapshot.position < dispatcher.window.floor:
+            continue  # the dispatcher moved past what its window can replay: load again
+        replay = dispatcher.window.after(snapshot.position)
+        if dispatcher.cache.install(snapshot, replay):
+            return snapshot
+    raise AccessLoadFailed(f"could not install access of user {user_id!r}")
+
+
+def _start_position(
+    dispatcher: Dispatcher, request: StreamRequest, snapshot: Snapshot
+) -> tuple[int, Frame]:
+    """Where catch-up starts, and a `must-refetch` frame when the cursor is unusable."""
+    head = max(snapshot.position, dispatcher.position)
+    if request.refetch_reason is not None:
+        return snapshot.position, encode_must_refetch(request.refetch_reason)
+    if request.after is None:
+        return snapshot.position, b""
+    if request.after > head:
+        reason = f"cursor {format_cursor(request.after)} is ahead of this stream"
+        return snapshot.position, encode_must_refetch(reason)
+    return request.after, b""
+
+
+async def _page(
+    dispatcher: Dispatcher, request: StreamRequest, after: int, page_size: int
+) -> tuple[Frame, int]:
+    async with dispatcher.pool.acquire() as conn:
+        page = await read_page(conn, after, page_size)
+    state = dispatcher.cache.state
+    chunk = b"".join(
+        encode_change(e)
+        for e in page.events
+        if can_receive(state, request.user_id, e, admin=request.admin)
+    )
+    if page.last == after:  # nothing more in Postgres: the window must already cover it
+        return chunk, max(after, dispatcher.window.floor)
+    return chunk, page.last

@@ -1,0 +1,216 @@
+"""The dispatcher: one per gateway process, it turns the bus's batches into frames for subscribers.
+
+`run` reads the bus from the dispatcher's position; a batch whose `prev` is past that position
+reveals events the bus lost (Redis restarted or trimmed), which are read from Postgres first
+(the source of truth). `dispatch` then takes each transaction's events together (same `xid`):
+it applies their access changes first, so every event is judged against the state after its
+own transaction committed (PROTOCOL.md §2), then for each event looks up the subscribers of
+its one channel (`core.channels.channel_for`), keeps those `can_receive` allows, encodes the
+frame once, and `offer`s the same bytes to each. The fan-out loop never awaits; a subscriber
+whose buffer is full is unregistered and closed as a slow consumer (PROTOCOL.md §4), as
+centrifuge's `Hub.broadcastPublication` does.
+
+The last `window_events` events stay in a `RecentEvents` window for connects and catch-up.
+"""
+
+import asyncio
+import bisect
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import asyncpg
+
+from core.access import can_receive
+from core.channels import channel_for, workspace_channel
+from core.cursors import current_position
+from core.events import Event
+from core.frames import encode_change
+from core.types import Frame
+from sync.access_cache import AccessCache
+from sync.bus import Batch, Bus
+from sync.outbox import read_page
+from sync.subscribers import StreamSubscriberManager, Subscriber
+
+logger = logging.getLogger(__name__)
+
+
+class RecentEvents:
+    """The last `size` events the dispatcher processed, by position.
+
+    `floor` is the position after which every processed event is held: a reader that has seen
+    everything up to `p >= floor` can continue from here alone. Raises ValueError for size < 1.
+    """
+
+    def __init__(self, size: int, floor: int = 0) -> None:
+        if size < 1:
+            raise ValueError(f"window size must be >= 1, got {size}")
+        self._events: deque[Event] = deque()
+        self._positions: deque[int] = deque()
+        self._size = size
+        self.floor = floor
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def append(self, event: Event) -> None:
+        """Hold one more event (positions must increase); the oldest leaves when full."""
+        if len(self._events) == self._size:
+            self._events.popleft()
+            self.floor = self._positions.popleft()
+        self._events.append(event)
+        self._positions.append(event.seq)
+
+    def after(self, position: int) -> list[Event]:
+        """Held events with a position greater than `position`, oldest first."""
+        start = bisect.bisect_right(self._positions, position)
+        return [self._events[i] for i in range(start, len(self._events))]
+
+    def reset(self, floor: int) -> None:
+        """Forget everything; nothing before `floor` can be served from here."""
+        self._events.clear()
+        self._positions.clear()
+        self.floor = floor
+
+
+class Dispatcher:
+    """Routes events from the bus to subscribers (see the module docstring).
+
+    `retry_frame` makes the (jittered) `retry:` frame sent before a slow consumer's `close`.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        pool: asyncpg.Pool,
+        manager: StreamSubscriberManager,
+        cache: AccessCache,
+        *,
+        window_events: int = 10_000,
+        page_size: int = 500,
+        retry_frame: Callable[[], Frame] = lambda: b"",
+    ) -> None:
+        self.bus = bus
+        self.pool = pool
+        self.manager = manager
+        self.cache = cache
+        self.window = RecentEvents(window_events)
+        self.position = 0
+        self.page_size = page_size
+        self.retry_frame = retry_frame
+        self.delivered = 0
+        self.slow_consumers = 0
+
+    async def start(self) -> None:
+        """Begin at the outbox's current position: nothing earlier is anyone's live event."""
+        async with self.pool.acquire() as conn:
+            self.position = await current_position(conn)
+        self.window.reset(self.position)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Dispatch every batch from the bus until `stop` is set; restart after failures
+        (Postgres down while filling a gap) with jittered backoff, resuming from `position`."""
+        delay = 0.1
+        while not stop.is_set():
+            reader = asyncio.ensure_future(self._consume())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (reader, stopper):
+                task.cancel()
+            await asyncio.gather(reader, stopper, return_exceptions=True)
+            if reader in done and reader.exception() is not None:
+                logger.warning(
+                    "dispatcher failed at position %d: %r", self.position, reader.exception()
+                )
+                await asyncio.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 5.0)
+            else:
+                delay = 0.1
+
+    async def _consume(self) -> None:
+        async for batch in self.bus.read(self.position):
+            await self.handle(batch)
+
+    async def handle(self, batch: Batch) -> None:
+        """Take one batch: fill a gap before it from Postgres, then dispatch what is new."""
+        if batch.prev > self.position:
+            await self.fill(batch.prev)
+        await self.process([e for e in batch.events if e.seq > self.position])
+
+    async def fill(self, upto: int) -> None:
+        """Read and dispatch outbox events after `position` up to at least `upto`."""
+        logger.info("filling events %d..%d from Postgres", self.position + 1, upto)
+        while self.position < upto:
+            async with self.pool.acquire() as conn:
+                page = await read_page(conn, self.position, self.page_size)
+            if page.last == self.position:
+                return
+            await self.process(page.events)
+            self.position = max(self.position, page.last)
+
+    async def process(self, events: Sequence[Event]) -> None:
+        """Load the workspaces a membership change needs (rare, awaited), then `dispatch`."""
+        if not events:
+            return
+        missing = self.cache.missing_workspaces(events)
+        if missing:
+            async with self.pool.acquire() as conn:
+                await self.cache.load_workspaces(conn, missing)
+        self.dispatch(events)
+
+    def dispatch(self, events: Sequence[Event]) -> None:
+        """Apply and fan out events in position order, one transaction at a time. Never awaits."""
+        start = 0
+        for end in range(1, len(events) + 1):
+            if end == len(events) or events[end].xid != events[start].xid:
+                self._dispatch_transaction(events[start:end])
+                start = end
+
+    def _dispatch_transaction(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if event.changes_access:
+                for change in self.cache.apply(event):
+                    channel = [workspace_channel(change.workspace_id)]
+                    for subscriber in list(self.manager.get_by_user(change.user_id)):
+                        if change.active:
+                            self.manager.add_channels(subscriber.id, channel)
+                        else:
+                            self.manager.remove_channels(subscriber.id, channel)
+        for event in events:
+            self._fan_out(event)
+            self.window.append(event)
+            self.position = event.seq
+
+    def _fan_out(self, event: Event) -> None:
+        subscribers = self.manager.get_by_channel(channel_for(event))
+        if not subscribers:
+            return
+        state = self.cache.state
+        frame: Frame | None = None
+        slow: list[Subscriber] = []
+        for subscriber in subscribers:
+            if event.seq <= subscriber.after:
+                continue
+            if not can_receive(state, subscriber.user_id, event, admin=subscriber.admin):
+                continue
+            if frame is None:
+                frame = encode_change(event)
+            if subscriber.offer(frame):
+                self.delivered += 1
+            else:
+                slow.append(subscriber)
+        for subscriber in slow:
+            self.disconnect_slow(subscriber)
+
+    def disconnect_slow(self, subscriber: Subscriber) -> None:
+        """Cut off a subscriber whose buffer is full (PROTOCOL.md §4): it resumes by cursor."""
+        self.slow_consumers += 1
+        self.manager.unregister(subscriber.id)
+        subscriber.close("slow_consumer", farewell=self.retry_frame())
+        logger.info(
+            "slow consumer %s (user %s) cut off at %d buffered bytes",
+            subscriber.id,
+            subscriber.user_id,
+            subscriber.max_buffer_bytes,
+        )

@@ -1,0 +1,352 @@
+"""The outbox relay: committed outbox rows to the bus, in commit order, by one active relay.
+
+`OutboxRelay.run(stop)` is a loop around one testable step, `relay_once()`, in the style of
+arq's `main()` / `_poll_iteration()` (STYLE.md §7):
+
+1. Connect on a dedicated connection (FIELD-NOTES §3) and become the active relay by the
+   advisory lock of `sync.leader`, or stay standby and try again every `standby_retry_s`.
+2. As leader, load the durable position from `outbox_relay` and LISTEN on
+   `core.schema.migrations.NOTIFY_CHANNEL` (the commit trigger's wake-up hint).
+3. Step: read one page after the position (`sync.outbox.read_page`, which owns the commit-order
+   rule), keep malformed rows in `outbox_dead_letters`, publish the events as one `Batch`
+   whose `prev` is the position before the page, then record the page's last position.
+4. After a full page, step again at once; otherwise wait for a NOTIFY or `poll_interval_s`,
+   whichever comes first. The poll is the source of truth, NOTIFY only shortens the wait, and
+   the poll query (run under `query_timeout_s`) is also the liveness check of the connection:
+   asyncpg never reports a half-open one by itself (FIELD-NOTES §3, asyncpg#519).
+
+Guarantees. The position advances only after the bus accepted the page (or refused it as
+already published), so no row is lost or skipped. Delivery to the bus is at least once: a
+page retried after a failure, or re-read by a relay that takes over before its predecessor
+recorded its position, may overlap what the bus holds; the bus refuses a batch that adds
+nothing, and readers skip positions they have (`sync.bus`).
+
+Failures restart the loop, not the step (centrifuge's `runForever`), after a jittered
+exponential backoff (redis-py's `EqualJitterBackoff`: base `BACKOFF_BASE_S`, capped at
+`BACKOFF_CAP_S`), forever: a relay outlives outages of Postgres and of the bus. After a
+failure the relay keeps its connection, and so its leadership, only when that connection
+still answers (the bus failed); otherwise it drops it, reconnects, competes for leadership
+again, re-LISTENs and polls at once, since notifications sent meanwhile are gone.
+
+Departures from arq: no job semantics; the step reports the rows it read, and a full page
+skips the wait.
+"""
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+from redis.backoff import EqualJitterBackoff
+
+from core.schema.migrations import NOTIFY_CHANNEL
+from core.types import Connection
+from sync import leader
+from sync.bus import Batch, Bus
+from sync.outbox import Page, read_page, record_dead_letters
+
+logger = logging.getLogger(__name__)
+
+BACKOFF_BASE_S = 0.1
+"""Backoff after the first failure of a streak: 0.1 to 0.2 s, doubling per failure."""
+
+BACKOFF_CAP_S = 5.0
+"""Largest backoff between restarts: 2.5 to 5 s."""
+
+APPLICATION_NAME_PREFIX = "userstream-relay-"
+"""`application_name` of relay connections is this prefix plus the OS pid (`pg_stat_activity`)."""
+
+_SERVER_SETTINGS = {
+    # Let the server notice a vanished relay host within ~25 s and free the lock (TCP only;
+    # ignored on Unix sockets). postgresql.org/docs/current/runtime-config-connection.html
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+}
+
+_FAULTS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+"""Expected failures (Postgres or the bus unreachable, timeouts: TimeoutError and
+ConnectionError are OSErrors), logged without a traceback; anything else gets one."""
+
+_ENSURE_ROW = "INSERT INTO outbox_relay (name) VALUES ($1) ON CONFLICT (name) DO NOTHING"
+_LOAD_POSITION = "SELECT position FROM outbox_relay WHERE name = $1"
+# `greatest`: a position never moves back, even if a deposed leader wrote late.
+_SAVE_POSITION = (
+    "UPDATE outbox_relay SET position = greatest(position, $2), updated_at = now() WHERE name = $1"
+)
+_LAG = """
+SELECT count(*) AS rows,
+       coalesce(greatest(extract(epoch FROM clock_timestamp() - min(committed_at)), 0), 0)::float8
+           AS seconds
+  FROM outbox
+ WHERE seq > coalesce((SELECT position FROM outbox_relay WHERE name = $1), 0)
+"""
+
+
+class OutboxRelay:
+    """Moves outbox rows to `bus` (see the module docstring); one per process at most.
+
+    `dsn`: Postgres DSN. `name`: the `outbox_relay` row holding this relay's position (relays
+    of different names keep separate positions but share one leadership lock). `batch_size`:
+    rows per step, >= 1 (a page completes its last transaction, so it may hold more).
+    `poll_interval_s`, `standby_retry_s`, `query_timeout_s`: seconds, > 0; `query_timeout_s`
+    bounds every query and the connect, and so how long a dead connection goes unnoticed
+    while a query runs. `listen=False`: no LISTEN, polling only.
+
+    `is_leader` is True while this relay holds the lock; `position` is the last position it
+    published (valid once leader). Raises ValueError for a value out of range.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        bus: Bus,
+        *,
+        name: str = "default",
+        batch_size: int = 500,
+        poll_interval_s: float = 1.0,
+        standby_retry_s: float = 1.0,
+        listen: bool = True,
+        query_timeout_s: float = 5.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for label, value in (
+            ("poll_interval_s", poll_interval_s),
+            ("standby_retry_s", standby_retry_s),
+            ("query_timeout_s", query_timeout_s),
+        ):
+            if not value > 0:
+                raise ValueError(f"{label} must be > 0 seconds, got {value}")
+        self.dsn = dsn
+        self.bus = bus
+        self.name = name
+        self.batch_size = batch_size
+        self.poll_interval_s = poll_interval_s
+        self.standby_retry_s = standby_retry_s
+        self.listen = listen
+        self.query_timeout_s = query_timeout_s
+        self.is_leader = False
+        self.position = 0
+        self._conn: asyncpg.Connection[Any] | None = None
+        self._wake = asyncio.Event()
+        self._standby = False
+        self._failures = 0
+        self._backoff = EqualJitterBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until `stop` is set, standing by while another relay leads.
+
+        Any failure restarts the loop after a backoff (module docstring); nothing is raised
+        but cancellation. On `stop` the current step finishes, then the lock is released and
+        the connection closed; cancellation closes them too.
+        """
+        try:
+            while not stop.is_set():
+                try:
+                    if await self._await_leadership(stop):
+                        await self._relay_until(stop)
+                except Exception as exc:
+                    delay = await self._recover(exc)
+                    await _wait_any((stop,), delay)
+        finally:
+            await self.close()
+
+    async def _await_leadership(self, stop: asyncio.Event) -> bool:
+        while not stop.is_set():
+            if await self.lead():
+                return True
+            self._failures = 0
+            await _wait_any((stop,), self.standby_retry_s)
+        return False
+
+    async def _relay_until(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._wake.clear()
+            rows = await self.relay_once()
+            self._failures = 0
+            if rows < self.batch_size:
+                await _wait_any((stop, self._wake), self.poll_interval_s)
+
+    async def lead(self) -> bool:
+        """Connect if needed and try once to become the active relay; True when leader.
+
+        On success: the `outbox_relay` row exists, `position` is loaded from it, the
+        connection LISTENs (unless `listen=False`) and the next step will run at once.
+        Raises asyncpg/OS errors or TimeoutError (after `query_timeout_s`) when Postgres
+        is unreachable; `run` then drops the connection, which frees a lock taken before
+        the failure (a direct caller does so with `close()`).
+        """
+        if self.is_leader:
+            return True
+        conn = await self._connection()
+        async with asyncio.timeout(self.query_timeout_s):
+            if not await leader.try_acquire(conn):
+                if not self._standby:
+                    logger.info("relay standby: another relay holds the lock (%s)", self.name)
+                    self._standby = True
+                return False
+            await conn.execute(_ENSURE_ROW, self.name)
+            self.position = int(await conn.fetchval(_LOAD_POSITION, self.name))
+            if self.listen:
+                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        self.is_leader, self._standby = True, False
+        self._wake.set()
+        logger.info("relay active: %s at position %d", self.name, self.position)
+        return True
+
+    async def relay_once(self) -> int:
+        """One step: read a page after `position`, publish it, record the new position.
+
+        Returns the rows read (events and malformed rows; 0 when caught up). Malformed rows
+        are kept in `outbox_dead_letters` and logged, never retried; a page of malformed rows
+        only is not published. The position is left unchanged when anything fails, so the
+        page is read again by the next step. Raises RuntimeError when this relay is not the
+        leader (call `lead()` first), TimeoutError when a query exceeds `query_timeout_s`,
+        asyncpg/OS errors when Postgres fails, and whatever `bus.publish` raises.
+        """
+        if not self.is_leader or self._conn is None:
+            raise RuntimeError(f"relay {self.name!r} is not the active relay: call lead() first")
+        conn = self._conn
+        async with asyncio.timeout(self.query_timeout_s):
+            page = await read_page(conn, self.position, self.batch_size)
+            if page.malformed:
+                await _record_malformed(conn, page)
+        if page.events:
+            accepted = await self.bus.publish(Batch(self.position, tuple(page.events)))
+            if not accepted:
+                logger.debug("relay: batch up to %d was already on the bus", page.last)
+        if page.last > self.position:
+            async with asyncio.timeout(self.query_timeout_s):
+                await conn.execute(_SAVE_POSITION, self.name, page.last)
+            self.position = page.last
+        return len(page.events) + len(page.malformed)
+
+    async def close(self) -> None:
+        """Release the lock and close the connection (idempotent; never raises).
+
+        Closing ends the session, which releases the lock even when the unlock itself fails.
+        """
+        conn, self._conn = self._conn, None
+        was_leader, self.is_leader, self._standby = self.is_leader, False, False
+        if conn is None:
+            return
+        try:
+            async with asyncio.timeout(self.query_timeout_s):
+                if was_leader:
+                    await leader.release(conn)
+                await conn.close()
+        except Exception as exc:
+            logger.debug("relay connection closed abruptly: %r", exc)
+        finally:
+            if not conn.is_closed():
+                conn.terminate()
+        if was_leader:
+            logger.info("relay stopped: %s released at position %d", self.name, self.position)
+
+    async def _connection(self) -> "asyncpg.Connection[Any]":
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        self._drop()
+        settings = {"application_name": f"{APPLICATION_NAME_PREFIX}{os.getpid()}"}
+        self._conn = await asyncpg.connect(
+            self.dsn,
+            timeout=self.query_timeout_s,
+            server_settings={**settings, **_SERVER_SETTINGS},
+        )
+        self._conn.add_termination_listener(self._on_terminated)
+        return self._conn
+
+    async def _recover(self, exc: Exception) -> float:
+        """After a failure: keep a leader's connection if it still answers, else drop it.
+        Returns the backoff before the loop restarts, in seconds."""
+        self._failures += 1
+        delay = self._backoff.compute(self._failures)
+        traceback = not isinstance(exc, _FAULTS)
+        if self.is_leader and await self._answers():
+            logger.warning(
+                "relay step failed at position %d, retrying in %.2f s: %r",
+                self.position,
+                delay,
+                exc,
+                exc_info=traceback,
+            )
+        else:
+            logger.warning(
+                "relay connection lost%s, reconnecting in %.2f s: %r",
+                " (was active)" if self.is_leader else "",
+                delay,
+                exc,
+                exc_info=traceback,
+            )
+            self._drop()
+        return delay
+
+    def _drop(self) -> None:
+        """Close the connection at once, without a goodbye: the server ends the session
+        and so frees the lock, if the session is still alive."""
+        conn, self._conn = self._conn, None
+        self.is_leader = self._standby = False
+        if conn is not None:
+            conn.terminate()
+
+    async def _answers(self) -> bool:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            return False
+        try:
+            async with asyncio.timeout(self.query_timeout_s):
+                await conn.fetchval("SELECT 1")
+        except Exception:
+            return False
+        return True
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        # Synchronous on purpose: asyncpg runs it with call_soon, and a burst of
+        # notifications coalesces into one set() (FIELD-NOTES §3).
+        self._wake.set()
+
+    def _on_terminated(self, conn: object) -> None:
+        # asyncpg noticed the connection close: step at once, so the step fails and the
+        # loop reconnects without waiting for the next poll.
+        self._wake.set()
+
+
+async def _record_malformed(conn: Connection, page: Page) -> None:
+    for item in page.malformed:
+        logger.warning(
+            "outbox row %s (position %s) is malformed, kept in outbox_dead_letters: %s",
+            item.row["id"],
+            item.row["seq"],
+            item.error,
+        )
+    await record_dead_letters(conn, page.malformed)
+
+
+async def relay_lag(conn: Connection, name: str = "default") -> tuple[int, float]:
+    """Rows committed but not yet relayed, and seconds since the oldest of them committed.
+
+    Returns `(0, 0.0)` when the relay is caught up. Both come from one query over the outbox
+    rows whose `seq` is past the position recorded in `outbox_relay` for `name` (0 when the
+    relay never ran): `count(*)` of those rows, and `clock_timestamp() - min(committed_at)`
+    in seconds, floored at 0. Uncommitted rows have no `seq` and are not counted. The range
+    scan on the unique `seq` index costs in proportion to the lag, not to the table.
+    Raises what asyncpg raises when Postgres fails.
+    """
+    row = await conn.fetchrow(_LAG, name)
+    return int(row["rows"]), float(row["seconds"])
+
+
+async def _wait_any(events: Sequence[asyncio.Event], timeout_s: float) -> None:
+    """Return when one of `events` is set or after `timeout_s` seconds, whichever is first."""
+    if any(event.is_set() for event in events):
+        return
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)

@@ -1,0 +1,24 @@
+"""End-to-end fixtures: real `userstream` processes against this test's database and Redis."""
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.harness import JWT_SECRET, Processes
+
+
+@pytest.fixture
+def processes(database_url: str, redis_url: str, redis_prefix: str) -> Iterator[Processes]:
+    """Starts gateways and relays sharing this test's Postgres database and Redis prefix."""
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "USERSTREAM_REDIS_PREFIX": redis_prefix,
+        "USERSTREAM_JWT_SECRET": JWT_SECRET,
+        "USERSTREAM_RELAY_POLL_INTERVAL_S": "0.5",
+        "USERSTREAM_RELAY_STANDBY_RETRY_S": "0.5",
+        "USERSTREAM_LOG_LEVEL": "warning",
+    }
+    running = Processes(env)
+    yield running
+    running.stop_all()
