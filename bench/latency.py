@@ -25,7 +25,7 @@ import nanoid
 from core.publish import OutboxEvent, publish
 from core.schema.migrations import migrate
 from tests.e2e.harness import JWT_SECRET, Processes, StreamClient, bearer
-from tests.services import postgres_server, redis_server
+from tests.services import PgServer, postgres_server, redis_server
 
 
 def percentiles(samples_s: Sequence[float]) -> dict[str, float]:
@@ -104,34 +104,34 @@ async def pipeline(dsn: str, url: str, clients: int, count: int, rate: float) ->
     return samples
 
 
-async def run(clients: int, count: int, rate: float) -> None:
-    with postgres_server() as pg, redis_server() as redis_url:
-        name = f"usbench_{nanoid.generate('abcdefghijklmnopqrstuvwxyz', 8)}"
-        admin = await asyncpg.connect(pg.dsn("postgres"))
-        await admin.execute(f"CREATE DATABASE {name}")
-        dsn = pg.dsn(name)
-        processes = Processes(
-            {
-                "DATABASE_URL": dsn,
-                "REDIS_URL": redis_url,
-                "USERSTREAM_REDIS_PREFIX": f"{name}:",
-                "USERSTREAM_JWT_SECRET": JWT_SECRET,
-                "USERSTREAM_LOG_LEVEL": "warning",
-            }
-        )
-        try:
-            conn = await asyncpg.connect(dsn)
-            await migrate(conn)
-            await seed(conn, clients)
-            await conn.close()
-            processes.start("relay")
-            gateway = processes.gateway()
-            baseline = percentiles(await notify_baseline(dsn, count, rate))
-            result = percentiles(await pipeline(dsn, gateway.url, clients, count, rate))
-        finally:
-            processes.stop_all()
-            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            await admin.close()
+async def run(pg: PgServer, redis_url: str, clients: int, count: int, rate: float) -> None:
+    """Set up a database and processes, measure baseline then pipeline, print a table."""
+    name = f"usbench_{nanoid.generate('abcdefghijklmnopqrstuvwxyz', 8)}"
+    admin = await asyncpg.connect(pg.dsn("postgres"))
+    await admin.execute(f"CREATE DATABASE {name}")
+    dsn = pg.dsn(name)
+    processes = Processes(
+        {
+            "DATABASE_URL": dsn,
+            "REDIS_URL": redis_url,
+            "USERSTREAM_REDIS_PREFIX": f"{name}:",
+            "USERSTREAM_JWT_SECRET": JWT_SECRET,
+            "USERSTREAM_LOG_LEVEL": "warning",
+        }
+    )
+    try:
+        conn = await asyncpg.connect(dsn)
+        await migrate(conn)
+        await seed(conn, clients)
+        await conn.close()
+        processes.start("relay")
+        gateway = processes.gateway()
+        baseline = percentiles(await notify_baseline(dsn, count, rate))
+        result = percentiles(await pipeline(dsn, gateway.url, clients, count, rate))
+    finally:
+        processes.stop_all()
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
     print(
         f"commit -> receipt, {count} events at {rate:g}/s, {clients} clients, cpus {os.cpu_count()}"
     )
@@ -149,7 +149,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=400)
     parser.add_argument("--rate", type=float, default=100.0, help="events per second")
     args = parser.parse_args()
-    asyncio.run(run(args.clients, args.events, args.rate))
+    with postgres_server() as pg, redis_server() as redis_url:
+        asyncio.run(run(pg, redis_url, args.clients, args.events, args.rate))
 
 
 if __name__ == "__main__":

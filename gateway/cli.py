@@ -4,7 +4,7 @@
     userstream relay                        run an outbox relay (one active, others standby)
     userstream serve [--host H] [--port P] [--with-relay] [--workers N]
     userstream token --user ID [--ttl S] [--admin]
-    userstream demo [--host H] [--port P] [--rate R]
+    userstream demo [--host H] [--port P] [--rate R]   (R: changes per second, default 5)
 
 Settings come from the environment (`gateway.settings`); options override them.
 """
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="everything in one process, with simulated activity")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on")
     demo.add_argument("--port", type=int, default=8080, help="port to listen on (0: any)")
-    demo.add_argument("--rate", type=float, default=2.0, help="simulated changes per second")
+    demo.add_argument("--rate", type=float, default=5.0, help="simulated changes per second")
     return parser
 
 

@@ -117,14 +117,15 @@ class ActivitySimulator:
         self._weights = (6, 3, 3, 3, 2, 2, 1, 1)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Perform actions until `stop` is set, waiting a random gap (mean 1/rate_per_s s)
-        between them. A failed action is logged and the next one goes ahead."""
+        """Perform actions until `stop` is set, waiting a random gap between them (exponential
+        with mean 1/rate_per_s s, capped at 2/rate_per_s s so a watcher never waits long).
+        A failed action is logged and the next one goes ahead."""
         while not stop.is_set():
             try:
                 await self.step()
             except (asyncpg.PostgresError, OSError):
                 logger.warning("simulated action failed", exc_info=True)
-            gap_s = self._rng.expovariate(self._rate_per_s)
+            gap_s = min(self._rng.expovariate(self._rate_per_s), 2 / self._rate_per_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=gap_s)
 
