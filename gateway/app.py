@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Route
 
 from gateway.demo_page import demo_routes
@@ -37,7 +39,25 @@ def create_app(settings: Settings) -> Starlette:
     ]
     if settings.demo:
         routes += demo_routes()
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, middleware=cors(settings), lifespan=lifespan)
+
+
+def cors(settings: Settings) -> list[Middleware]:
+    """CORS for the configured origins only, with credentials (cookies) allowed for them, so
+    `new EventSource(url, {withCredentials: true})` works from those origins and no other
+    (Fetch standard CORS protocol; Starlette refuses `*` with credentials)."""
+    if not settings.cors_origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=True,
+            allow_methods=["GET"],
+            allow_headers=["Authorization", "Last-Event-ID", "Cache-Control"],
+            max_age=600,
+        )
+    ]
 
 
 def app_from_env() -> Starlette:

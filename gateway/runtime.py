@@ -16,6 +16,7 @@ import asyncpg
 from core.frames import encode_retry
 from core.types import Frame
 from gateway.auth import Authenticator
+from gateway.limits import ConnectionLimiter
 from gateway.settings import Settings
 from sync.access_cache import AccessCache
 from sync.bus import Bus
@@ -66,6 +67,7 @@ class Runtime:
     bus: Bus
     dispatcher: Dispatcher
     auth: Authenticator
+    limiter: ConnectionLimiter
     relay: OutboxRelay | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -91,7 +93,8 @@ class Runtime:
             page_size=settings.catchup_page_size,
             retry_frame=lambda: retry_frame(settings),
         )
-        runtime = cls(settings, pool, bus, dispatcher, auth)
+        limiter = ConnectionLimiter(settings.max_connections_per_user)
+        runtime = cls(settings, pool, bus, dispatcher, auth, limiter)
         await dispatcher.start()
         runtime.tasks.append(asyncio.create_task(dispatcher.run(runtime.stop), name="dispatcher"))
         if settings.with_relay or not settings.redis_url:

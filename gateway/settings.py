@@ -5,10 +5,10 @@
 seconds, `_ms` milliseconds, `_bytes` bytes.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -62,6 +62,13 @@ class Settings(BaseSettings):
     data_dir: str = Field(".userstream", description="Folder of the embedded Postgres.")
     log_format: Literal["console", "json"] = Field("console", description="Log line format.")
     log_level: str = Field("info", description="Python logging level name.")
+    max_connections_per_user: int = Field(
+        10, gt=0, description="Open streams one user may hold in one process; more get 429."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed to call cross-origin, with credentials (comma-separated).",
+    )
     with_relay: bool = Field(False, description="Run the outbox relay in the gateway process.")
     demo: bool = Field(False, description="Serve the /demo page and its token helper.")
 
@@ -69,6 +76,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
 
     @model_validator(mode="after")
     def _one_key_kind(self) -> "Settings":

@@ -6,7 +6,11 @@ shared by every subscriber); the keep-alive is the bare comment `: ping`; lines 
 quietly (logged as a stalled client) instead of surfacing as an application error.
 """
 
+import asyncio
 import logging
+import time
+from collections.abc import Callable
+from typing import Any
 
 import nanoid
 from sse_starlette.event import ServerSentEvent
@@ -29,13 +33,20 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 class StreamResponse(EventSourceResponse):
     """An EventSourceResponse whose send timeout (a stalled client, PROTOCOL.md §4) ends only
-    that stream, with a log line, not an "Exception in ASGI application"."""
+    that stream, with a log line, not an "Exception in ASGI application"; `on_close` runs
+    once the response is over, however it ends."""
+
+    def __init__(self, *args: Any, on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         except SendTimeoutError:
             logger.info("stream closed: client accepted nothing for %ss", self.send_timeout)
+        finally:
+            self.on_close()
 
 
 def stream_request(request: Request, user_id: str, admin: bool) -> StreamRequest:
@@ -58,7 +69,8 @@ def stream_request(request: Request, user_id: str, admin: bool) -> StreamRequest
 
 
 async def me_stream(request: Request) -> Response:
-    """401 without a valid token, 400 for a malformed `offset`, else the SSE stream."""
+    """401 without a valid token, 400 for a malformed `offset`, 429 past the per-user cap,
+    else the SSE stream, which ends with `event: close` `token_expired` when the token does."""
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
     try:
@@ -69,6 +81,9 @@ async def me_stream(request: Request) -> Response:
         start = stream_request(request, principal.user_id, principal.admin)
     except InvalidCursor as exc:
         return problem(400, f"offset: {exc}")
+    if not runtime.limiter.acquire(principal.user_id):
+        limit = runtime.limiter.limit
+        return problem(429, f"user {principal.user_id!r} already has {limit} open streams")
     subscriber = Subscriber(
         nanoid.generate(size=12),
         principal.user_id,
@@ -82,6 +97,17 @@ async def me_stream(request: Request) -> Response:
         first=retry_frame(settings),
         page_size=settings.catchup_page_size,
     )
+    expiry = asyncio.get_running_loop().call_later(
+        max(0.0, principal.expires_at - time.time()),
+        runtime.dispatcher.disconnect,
+        subscriber,
+        "token_expired",
+    )
+
+    def on_close() -> None:
+        expiry.cancel()
+        runtime.limiter.release(principal.user_id)
+
     return StreamResponse(
         frames,
         headers=HEADERS,
@@ -89,4 +115,5 @@ async def me_stream(request: Request) -> Response:
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
         sep="\n",
         send_timeout=settings.send_timeout_s,
+        on_close=on_close,
     )

@@ -6,20 +6,23 @@ users are active in (loaded once per workspace, shared by every connection, evic
 connected user is active there any more). Access-changing events carry the after-image of the
 row they name, captured at commit, so `apply` moves the state along the stream without a query.
 
-Positions. The dispatcher judges each event against the state at that event's position. A
-connect loads a snapshot at position `c` (one REPEATABLE READ transaction), while the
-dispatcher may be at `p`:
-- `c >= p`: the new pieces are ahead; the dispatcher re-applies the after-images of `(p, c]` as
-  it reaches them, which converges to the same state (last image wins), and the new subscriber
-  receives nothing at or before `c`.
-- `c < p`: `install` replays the access events of `(c, p]` (from the dispatcher's recent window)
-  onto the new pieces before merging them, so they join the shared state exactly at `p`.
+Positions. The dispatcher judges each event against the state at that event's position, so
+everything merged into the shared state must be at the dispatcher's position `p`:
+- A connect loads a snapshot at position `c` (one REPEATABLE READ transaction) and waits until
+  `p >= c` (sync/catchup.py); `install` then replays the access events of `(c, p]` from the
+  dispatcher's recent window onto the new pieces before merging them. (If the dispatcher cannot
+  catch up in time, the pieces go in ahead of it; re-applying the after-images of `(p, c]` as it
+  reaches them converges to the same state, the last image winning.)
+- A workspace loaded by the dispatcher itself (a connected user joined it) is read while the
+  database is ahead of `p`; `load_workspaces` sets the streams touched since `p` back with the
+  `before` images their events carry.
 """
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import asyncpg
+import orjson
 
 from core.access import (
     AccessState,
@@ -32,6 +35,11 @@ from core.access import (
 from core.events import Event
 from core.types import Connection
 
+_FIRST_TOUCH_AFTER = """
+SELECT DISTINCT ON (stream_id) stream_id, workspace_id, access FROM outbox
+ WHERE resource_type = 'stream' AND workspace_id = ANY($1::text[]) AND seq > $2
+ ORDER BY stream_id, seq
+"""
 _STREAMS_OF = (
     "SELECT id, workspace_id, visibility, parent_stream_id, status FROM streams"
     " WHERE workspace_id = ANY($1::text[])"
@@ -56,6 +64,19 @@ async def _load_streams(
         for row in await conn.fetch(_STREAMS_OF, ids):
             loaded[row["workspace_id"]][row["id"]] = StreamInfo.from_row(row)
     return loaded
+
+
+def _rewind(streams: dict[str, StreamInfo], workspace_id: str, stream_id: str, access: str) -> None:
+    """Set one stream back to the `before` image of its first `stream` event after the load
+    point: the row as it stood before that event's transaction (None: it did not exist)."""
+    images = orjson.loads(access) if access else {}
+    if "before" not in images:
+        return
+    before = images["before"]
+    if isinstance(before, dict) and before.get("workspace_id") == workspace_id:
+        streams[stream_id] = StreamInfo.from_row(before)
+    else:
+        streams.pop(stream_id, None)
 
 
 class AccessCache:
@@ -158,9 +179,28 @@ class AccessCache:
                 missing |= workspaces_to_load(self.state, event)
         return missing
 
-    async def load_workspaces(self, conn: Connection, workspace_ids: Iterable[str]) -> None:
-        """Load and hold the streams of workspaces a connected user has just turned active in."""
-        for ws, streams in (await _load_streams(conn, workspace_ids)).items():
+    async def load_workspaces(
+        self, pool: asyncpg.Pool, workspace_ids: Iterable[str], at: int
+    ) -> None:
+        """Load and hold the streams of workspaces a connected user has just turned active in,
+        as they stood at position `at` (the dispatcher's position).
+
+        The database is ahead of `at`. Streams that no `stream` event touched after `at` are
+        the same now as then; a touched one is set back to the `before` image its first
+        `stream` event after `at` carries (the row before that transaction, captured by a
+        trigger on `streams`: core/schema/002_outbox.sql), or removed if it did not exist.
+        """
+        ids = sorted(set(workspace_ids))
+        async with (
+            pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            loaded = await _load_streams(conn, ids)
+            touched = await conn.fetch(_FIRST_TOUCH_AFTER, ids, at)
+        for r in touched:
+            ws = r["workspace_id"]
+            _rewind(loaded[ws], ws, r["stream_id"], r["access"])
+        for ws, streams in loaded.items():
             self.state.streams.setdefault(ws, streams)
 
     def apply(self, event: Event) -> list[ChannelChange]:

@@ -3,8 +3,9 @@
 The handoff, for a subscriber starting after position `a` (its cursor, or the snapshot's
 position for `offset=now`):
 
-1. Load the user's access in one snapshot at position `c` and install it at the dispatcher's
-   position (`AccessCache.install`, replaying the dispatcher's recent window when `c` is behind).
+1. Load the user's access in one snapshot at position `c`, wait until the dispatcher has
+   dispatched everything up to `c` (`DISPATCH_WAIT_S`), and install it at the dispatcher's
+   position (`AccessCache.install`, replaying the part of the recent window after `c`).
 2. While `a` is older than what the dispatcher's recent window holds (`RecentEvents.floor`),
    read pages of events after `a` from Postgres and send those the user may read. A page may
    run past the dispatcher: that is fine, `a` moves with it.
@@ -35,6 +36,13 @@ from sync.subscribers import Subscriber
 logger = logging.getLogger(__name__)
 
 INSTALL_ATTEMPTS = 3
+
+DISPATCH_WAIT_S = 1.0
+"""How long a connect waits for the dispatcher to reach its snapshot's position, in seconds.
+Installed at that position (or behind it, replaying the window) the new access state is exact
+from the first event on. If the dispatcher is slower (bus down; or the newest rows are
+malformed and never dispatched) the state is installed ahead of it: the dispatcher re-applies
+the after-images it has not reached, which converges to the same state."""
 
 
 class AccessLoadFailed(RuntimeError):
@@ -88,6 +96,10 @@ async def open_stream(
             if can_receive(cache.state, request.user_id, e, admin=request.admin)
         ]
         live_from = max(after, dispatcher.position)
+        if subscriber.closed:  # closed during catch-up (token expired): send what it queued
+            async for chunk in subscriber.frames():
+                yield chunk
+            return
         subscriber.after = live_from
         channels = [user_channel(request.user_id)]
         channels += [workspace_channel(ws) for ws in cache.channels_of(request.user_id)]
@@ -108,6 +120,8 @@ async def open_stream(
 async def _install(dispatcher: Dispatcher, user_id: str) -> Snapshot:
     for _ in range(INSTALL_ATTEMPTS):
         snapshot = await dispatcher.cache.load(dispatcher.pool, user_id)
+        if not await dispatcher.reached(snapshot.position, DISPATCH_WAIT_S):
+            logger.debug("dispatcher behind position %d: installing ahead", snapshot.position)
         if snapshot.position < dispatcher.window.floor:
             continue  # the dispatcher moved past what its window can replay: load again
         replay = dispatcher.window.after(snapshot.position)

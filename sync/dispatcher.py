@@ -101,6 +101,7 @@ class Dispatcher:
         self.retry_frame = retry_frame
         self.delivered = 0
         self.slow_consumers = 0
+        self._advanced = asyncio.Event()
 
     async def start(self) -> None:
         """Begin at the outbox's current position: nothing earlier is anyone's live event."""
@@ -155,9 +156,20 @@ class Dispatcher:
             return
         missing = self.cache.missing_workspaces(events)
         if missing:
-            async with self.pool.acquire() as conn:
-                await self.cache.load_workspaces(conn, missing)
+            await self.cache.load_workspaces(self.pool, missing, at=self.position)
         self.dispatch(events)
+        self._advanced.set()
+        self._advanced = asyncio.Event()
+
+    async def reached(self, position: int, timeout_s: float) -> bool:
+        """Wait until every event up to `position` is dispatched; False after `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self.position < position:
+                    await self._advanced.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def dispatch(self, events: Sequence[Event]) -> None:
         """Apply and fan out events in position order, one transaction at a time. Never awaits."""
@@ -201,16 +213,17 @@ class Dispatcher:
             else:
                 slow.append(subscriber)
         for subscriber in slow:
-            self.disconnect_slow(subscriber)
+            self.slow_consumers += 1
+            logger.info(
+                "slow consumer %s (user %s) cut off at %d buffered bytes",
+                subscriber.id,
+                subscriber.user_id,
+                subscriber.max_buffer_bytes,
+            )
+            self.disconnect(subscriber, "slow_consumer")
 
-    def disconnect_slow(self, subscriber: Subscriber) -> None:
-        """Cut off a subscriber whose buffer is full (PROTOCOL.md §4): it resumes by cursor."""
-        self.slow_consumers += 1
+    def disconnect(self, subscriber: Subscriber, reason: str) -> None:
+        """End a subscriber's stream on purpose: stop routing to it, then queue a jittered
+        `retry:` and `event: close` with `reason` (PROTOCOL.md §3); it resumes by cursor."""
         self.manager.unregister(subscriber.id)
-        subscriber.close("slow_consumer", farewell=self.retry_frame())
-        logger.info(
-            "slow consumer %s (user %s) cut off at %d buffered bytes",
-            subscriber.id,
-            subscriber.user_id,
-            subscriber.max_buffer_bytes,
-        )
+        subscriber.close(reason, farewell=self.retry_frame())

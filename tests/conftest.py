@@ -1,7 +1,8 @@
-"""Fixtures shared by every test: real Postgres and Redis, one database and key prefix per test."""
+"""Fixtures shared by every test: real Postgres and Redis, one database and key prefix per test,
+and bus readers stopped at teardown."""
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import asyncpg
 import nanoid
@@ -9,6 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from core.schema.migrations import migrate
+from sync.bus import Bus
+from tests.bus_readers import Reader
 from tests.services import PgServer, postgres_server, redis_server
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -90,3 +93,17 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
             await client.aclose()
 
     asyncio.run(cleanup())
+
+
+@pytest.fixture
+async def readers() -> AsyncIterator[Callable[..., Reader]]:
+    """Starts `Reader`s: `readers(bus, after=0)`; every one is stopped at teardown."""
+    started: list[Reader] = []
+
+    def start(bus: Bus, after: int = 0) -> Reader:
+        started.append(Reader(bus, after))
+        return started[-1]
+
+    yield start
+    for reader in started:
+        await reader.stop()

@@ -16,7 +16,8 @@
 -- commit (`access`), so gateways judge later events against the state after this transaction
 -- without querying the database (PROTOCOL.md §2). For a stream that is not public it also
 -- records the current members, so that members added in the transaction that announces the
--- stream can read the announcement even if their rows were not announced one by one.
+-- stream can read the announcement even if their rows were not announced one by one; and for
+-- every stream the row as it stood before the transaction (`before`, see below).
 
 CREATE SEQUENCE IF NOT EXISTS outbox_seq AS bigint;
 
@@ -42,6 +43,31 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_committed_at ON outbox (committed_at);
 
+-- Before-images of `streams` rows: the first time a transaction inserts, updates or deletes a
+-- stream, the row as it stood before the transaction (JSON null for an insert) is kept in the
+-- transaction-local setting `userstream.streams_before` ({id: row}). A gateway that loads a
+-- workspace while the database is ahead of it sets streams back to their state at its own
+-- position with them (sync/access_cache.py).
+CREATE OR REPLACE FUNCTION userstream_streams_before() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    seen jsonb := coalesce(nullif(current_setting('userstream.streams_before', true), ''), '{}');
+    key text := CASE WHEN TG_OP = 'INSERT' THEN NEW.id ELSE OLD.id END;
+BEGIN
+    IF NOT seen ? key THEN
+        seen := seen || jsonb_build_object(
+            key, CASE WHEN TG_OP = 'INSERT' THEN 'null'::jsonb ELSE to_jsonb(OLD) END);
+        PERFORM set_config('userstream.streams_before', seen::text, true);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+DROP TRIGGER IF EXISTS streams_before ON streams;
+CREATE TRIGGER streams_before
+    AFTER INSERT OR UPDATE OR DELETE ON streams
+    FOR EACH ROW EXECUTE FUNCTION userstream_streams_before();
+
 CREATE OR REPLACE FUNCTION userstream_outbox_access(r outbox) RETURNS jsonb
 LANGUAGE sql STABLE AS $fn$
     SELECT CASE r.resource_type
@@ -56,8 +82,11 @@ LANGUAGE sql STABLE AS $fn$
                 WHEN s.visibility <> 'public' THEN coalesce((
                     SELECT jsonb_agg(m.user_id ORDER BY m.user_id) FROM stream_members m
                     WHERE m.stream_id = s.id AND m.left_at IS NULL), '[]'::jsonb)
-                END)
+                END,
+                'before', CASE WHEN b.seen ? k.id THEN b.seen -> k.id ELSE to_jsonb(s) END)
             FROM (SELECT coalesce(r.stream_id, r.entity_id) AS id) k
+            CROSS JOIN (SELECT coalesce(nullif(
+                current_setting('userstream.streams_before', true), ''), '{}')::jsonb AS seen) b
             LEFT JOIN streams s ON s.id = k.id)
         WHEN 'workspace' THEN jsonb_build_object('row', (
             SELECT to_jsonb(w) FROM workspaces w WHERE w.id = coalesce(r.workspace_id, r.entity_id)))

@@ -3,7 +3,8 @@ broker tests take a broker factory the same way): `InProcessBus` and `RedisBus`.
 
 `RedisBus` runs against the session's Redis with a key prefix of the test's own; both buses
 trim to `max_batches`, Redis approximately (whole stream nodes), so the trimming tests check
-the gap a reader sees, not an exact count.
+the gap a reader sees, not an exact count. Batches come from `tests.factories.batch`; the
+`readers` fixture (tests/conftest.py) starts `tests.bus_readers.Reader`s.
 """
 
 import asyncio
@@ -12,100 +13,15 @@ import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import cast
 
-import orjson
 import pytest
 
-from core.events import Event
 from sync.bus import Batch, Bus
 from sync.bus_memory import InProcessBus
 from sync.bus_redis import RedisBus
-
-WAIT_S = 10.0
-"""How long a test waits for a reader to reach a position before it fails (not a timing check)."""
+from tests.bus_readers import WAIT_S, Reader
+from tests.factories import batch
 
 BusFactory = Callable[..., Bus]
-
-
-def event(seq: int, **changes: object) -> Event:
-    """A valid `stream_event.created` event at position `seq`; `changes` override columns."""
-    row: dict[str, object] = {
-        "seq": seq,
-        "xid": 7000 + seq,
-        "type": "stream_event.created",
-        "resource_type": "stream_event",
-        "action": "create",
-        "entity_id": f"evt-{seq}",
-        "workspace_id": "ws-1",
-        "stream_id": "st-1",
-        "user_id": None,
-        "actor_id": "u-1",
-        "data": orjson.dumps({"n": seq, "text": "héllo\nworld"}).decode(),
-        "tx": '{"id": "t-1", "sourceId": "tab-1"}',
-        "access": None,
-        "created_at": "2026-11-20T10:00:00.123456Z",
-        "committed_at": 1_795_000_000.123456,
-    }
-    row.update(changes)
-    return Event.from_row(row)
-
-
-def batch(prev: int, *positions: int) -> Batch:
-    """A batch of one event per position, after `prev`."""
-    return Batch(prev, tuple(event(p) for p in positions))
-
-
-class Reader:
-    """Iterates `bus.read(after)` in a task of its own, recording every batch it gets."""
-
-    def __init__(self, bus: Bus, after: int = 0) -> None:
-        self.batches: list[Batch] = []
-        self.task = asyncio.create_task(self._consume(bus, after))
-
-    async def _consume(self, bus: Bus, after: int) -> None:
-        async for item in bus.read(after):
-            self.batches.append(item)
-
-    @property
-    def position(self) -> int:
-        """The last position received (0 before the first batch)."""
-        return self.batches[-1].last if self.batches else 0
-
-    async def reach(self, position: int) -> None:
-        """Wait until a batch ending at or past `position` came (fails after WAIT_S)."""
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while self.position < position:
-            if self.task.done():
-                self.task.result()
-                raise AssertionError(f"reader ended at {self.position}, before {position}")
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"reader at {self.position}, not at {position} in {WAIT_S}s")
-            await asyncio.sleep(0.01)
-
-    async def ended(self) -> None:
-        """Wait until the iterator ended by itself (fails after WAIT_S or if it raised)."""
-        done, _ = await asyncio.wait({self.task}, timeout=WAIT_S)
-        assert self.task in done, f"reader still running {WAIT_S}s after the bus closed"
-        self.task.result()
-
-    async def stop(self) -> None:
-        """Cancel the task and wait for it."""
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-
-
-@pytest.fixture
-async def readers() -> AsyncIterator[Callable[..., Reader]]:
-    """Starts `Reader`s, stopped at teardown."""
-    started: list[Reader] = []
-
-    def start(bus: Bus, after: int = 0) -> Reader:
-        started.append(Reader(bus, after))
-        return started[-1]
-
-    yield start
-    for reader in started:
-        await reader.stop()
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -48,19 +49,27 @@ class Processes:
     env: dict[str, str]
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Run `userstream <args>`; its output goes to the test's captured stderr."""
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", *args],
-            env={**os.environ, **self.env, **(env or {})},
-        )
+    def start(
+        self, *args: str, env: dict[str, str] | None = None, log_file: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Run `userstream <args>`; its output goes to `log_file` if given, else to the
+        test's captured stderr."""
+        with open(log_file, "ab") if log_file else contextlib.nullcontext() as log:
+            process = subprocess.Popen(  # the child keeps its own copy of the log's descriptor
+                [sys.executable, "-m", "gateway.cli", *args],
+                env={**os.environ, **self.env, **(env or {})},
+                stdout=log,
+                stderr=log,
+            )
         self.started.append(process)
         return process
 
-    def gateway(self, *extra: str, env: dict[str, str] | None = None) -> Gateway:
+    def gateway(
+        self, *extra: str, env: dict[str, str] | None = None, log_file: Path | None = None
+    ) -> Gateway:
         """Start `userstream serve` on a free port and wait (20 s at most) for `/healthz`."""
         port = free_port()
-        process = self.start("serve", "--port", str(port), *extra, env=env)
+        process = self.start("serve", "--port", str(port), *extra, env=env, log_file=log_file)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 20
         while True:

@@ -12,6 +12,7 @@ import orjson
 
 from core.publish import OutboxEvent, publish, publish_many
 from tests.e2e.harness import Processes, StreamClient, bearer
+from tests.factories import stream_message
 
 CHANGE_KEYS = [
     "cursor", "type", "resourceType", "action", "entityId", "workspaceId",
@@ -33,20 +34,6 @@ async def seed(db: asyncpg.Connection) -> None:
     )
 
 
-def message(entity_id: str, stream_id: str, **extra: object) -> OutboxEvent:
-    return OutboxEvent(
-        type="stream_event.created",
-        resource_type="stream_event",
-        action="create",
-        entity_id=entity_id,
-        workspace_id="w1",
-        stream_id=stream_id,
-        actor_id="alice",
-        data={"text": f"message {entity_id}"},
-        **extra,  # type: ignore[arg-type]
-    )
-
-
 async def test_changes_reach_exactly_the_users_the_rules_allow(
     processes: Processes, db: asyncpg.Connection
 ) -> None:
@@ -56,9 +43,21 @@ async def test_changes_reach_exactly_the_users_the_rules_allow(
     bob = await StreamClient(gateway.url, bearer("bob")).connect()
 
     async with db.transaction():
-        await publish(db, message("m1", "secret", tx={"id": "t1", "sourceId": "tab-1"}))
+        await publish(
+            db,
+            stream_message(
+                "m1",
+                stream_id="secret",
+                actor_id="alice",
+                data={"text": "message m1"},
+                tx={"id": "t1", "sourceId": "tab-1"},
+            ),
+        )
     async with db.transaction():
-        await publish_many(db, [message("m2", "general"), message("m3", "general")])
+        await publish_many(
+            db,
+            [stream_message("m2", stream_id="general"), stream_message("m3", stream_id="general")],
+        )
     async with db.transaction():
         await publish(
             db,
@@ -148,13 +147,15 @@ async def test_two_gateways_on_one_redis_deliver_each_event_once_to_each_client(
 
     for batch in range(5):
         async with db.transaction():
-            await publish_many(db, [message(f"e{batch}-{i}", "general") for i in range(20)])
+            await publish_many(
+                db, [stream_message(f"e{batch}-{i}", stream_id="general") for i in range(20)]
+            )
     expected = [f"e{b}-{i}" for b in range(5) for i in range(20)]
     for client in (on_first, on_second, also_first):
         await client.wait_for(lambda c=client: len(c.changes()) >= len(expected))
     # A last sentinel proves nothing else was queued behind the 100 events.
     async with db.transaction():
-        await publish(db, message("sentinel", "general"))
+        await publish(db, stream_message("sentinel", stream_id="general"))
     for client in (on_first, on_second, also_first):
         await client.wait_for(lambda c=client: c.changes()[-1]["entityId"] == "sentinel")
         assert [c["entityId"] for c in client.changes()] == [*expected, "sentinel"]

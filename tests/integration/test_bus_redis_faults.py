@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from sync.bus import Bus
 from sync.bus_redis import RedisBus
-from tests.contract.test_bus import WAIT_S, Reader, batch
+from tests.bus_readers import WAIT_S, Reader
+from tests.factories import batch
 from tests.services import RedisProcess
 
 PREFIX = "ustest:faults:"
@@ -24,20 +24,6 @@ def server() -> Iterator[RedisProcess]:
     """A Redis server of this test's own, stopped at teardown."""
     with RedisProcess() as process:
         yield process
-
-
-@pytest.fixture
-async def readers() -> AsyncIterator[Callable[..., Reader]]:
-    """Starts `Reader`s, stopped at teardown."""
-    started: list[Reader] = []
-
-    def start(bus: Bus, after: int = 0) -> Reader:
-        started.append(Reader(bus, after))
-        return started[-1]
-
-    yield start
-    for reader in started:
-        await reader.stop()
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from sync.catchup import StreamRequest, open_stream
 from sync.dispatcher import Dispatcher
 from sync.outbox import read_page
 from sync.subscribers import StreamSubscriberManager, Subscriber
+from tests.factories import access_change, stream_message
 
 
 def parse(chunks: list[Frame]) -> list[dict[str, Any]]:
@@ -102,13 +103,6 @@ def connect(dispatcher: Dispatcher, user: str, after: int | None = None) -> Conn
     return Connection(open_stream(dispatcher, StreamRequest(user, after=after), subscriber))
 
 
-def message(entity: str, stream: str, workspace: str = "w1") -> OutboxEvent:
-    return OutboxEvent(
-        "stream_event.created", "stream_event", "create", entity,
-        workspace_id=workspace, stream_id=stream,
-    )  # fmt: skip
-
-
 async def opened(conn: Connection) -> None:
     await conn.until(lambda: any(f.get("event") == "offset" for f in conn.frames()))
 
@@ -125,7 +119,9 @@ async def test_live_events_follow_the_offset_frame_in_order(
 ) -> None:
     alice = connect(dispatcher, "alice")
     await opened(alice)
-    await commit(db, message("m1", "general"), message("m2", "secret"))
+    await commit(
+        db, stream_message("m1", stream_id="general"), stream_message("m2", stream_id="secret")
+    )
     await pump(dispatcher, db)
     await alice.until(lambda: alice.entities() == ["m1", "m2"])
     kinds = [f.get("event") for f in alice.frames()]
@@ -138,12 +134,12 @@ async def test_live_events_follow_the_offset_frame_in_order(
 async def test_events_committed_between_snapshot_and_dispatch_are_not_lost(
     dispatcher: Dispatcher, db: asyncpg.Connection
 ) -> None:
-    await commit(db, message("before", "general"))
+    await commit(db, stream_message("before", stream_id="general"))
     await pump(dispatcher, db)  # dispatcher at 1
-    await commit(db, message("gap", "general"))  # committed, not dispatched yet
+    await commit(db, stream_message("gap", stream_id="general"))  # committed, not dispatched yet
     alice = connect(dispatcher, "alice")  # snapshot at 2: "gap" is before `now`
     await opened(alice)
-    await commit(db, message("after", "general"))
+    await commit(db, stream_message("after", stream_id="general"))
     await pump(dispatcher, db)
     await alice.until(lambda: "after" in alice.entities())
     assert alice.entities() == ["after"]
@@ -154,7 +150,7 @@ async def test_connecting_behind_the_dispatcher_replays_the_window(
     dispatcher: Dispatcher, db: asyncpg.Connection
 ) -> None:
     for i in range(3):
-        await commit(db, message(f"m{i}", "general"))
+        await commit(db, stream_message(f"m{i}", stream_id="general"))
     await pump(dispatcher, db)
     alice = connect(dispatcher, "alice", after=1)
     await opened(alice)
@@ -177,13 +173,13 @@ async def test_catch_up_older_than_the_window_pages_from_postgres(
         InProcessBus(), pool, StreamSubscriberManager(), AccessCache(), window_events=5, page_size=7
     )
     await small.start()
-    await commit(db, *[message(f"m{i}", "general") for i in range(40)])
+    await commit(db, *[stream_message(f"m{i}", stream_id="general") for i in range(40)])
     await pump(small, db)
     assert small.window.floor == 35
     alice = connect(small, "alice", after=0)
     await opened(alice)
     assert alice.entities() == [f"m{i}" for i in range(40)]
-    await commit(db, message("live", "general"))
+    await commit(db, stream_message("live", stream_id="general"))
     await pump(small, db)
     await alice.until(lambda: alice.entities()[-1] == "live")
     assert len(alice.entities()) == 41
@@ -198,10 +194,10 @@ async def test_private_stream_and_invited_member_rules(
         await opened(conn)
     await commit(
         db,
-        message("secret-1", "secret"),
-        message("general-1", "general"),
+        stream_message("secret-1", stream_id="secret"),
+        stream_message("general-1", stream_id="general"),
         OutboxEvent("notification.created", "notification", "create", "n-frank", user_id="frank"),
-        message("other-ws", "w2-general", workspace="w2"),
+        stream_message("other-ws", workspace_id="w2", stream_id="w2-general"),
     )
     await pump(dispatcher, db)
     await alice.until(lambda: len(alice.entities()) == 2)
@@ -221,22 +217,28 @@ async def test_membership_changes_take_effect_live_at_their_position(
     bob = connect(dispatcher, "bob")
     await opened(carol)
     await opened(bob)
-    joined = OutboxEvent(
-        "membership.created", "membership", "create", "w1:carol", workspace_id="w1", user_id="carol"
+    joined = access_change("membership", "create", "w1:carol", workspace_id="w1", user_id="carol")
+    added = access_change(
+        "stream_member",
+        "create",
+        "secret:bob",
+        workspace_id="w1",
+        stream_id="secret",
+        user_id="bob",
     )
-    added = OutboxEvent(
-        "stream_member.created", "stream_member", "create", "secret:bob",
-        workspace_id="w1", stream_id="secret", user_id="bob",
-    )  # fmt: skip
-    await commit(db, message("before-join", "general"))
+    await commit(db, stream_message("before-join", stream_id="general"))
     await commit(
         db,
         joined,
         sql="INSERT INTO workspace_members (workspace_id, user_id) VALUES ('w1', 'carol')",
     )
-    await commit(db, message("after-join", "general"), message("secret-before-add", "secret"))
     await commit(
-        db, added, message("secret-after-add", "secret"),
+        db,
+        stream_message("after-join", stream_id="general"),
+        stream_message("secret-before-add", stream_id="secret"),
+    )
+    await commit(
+        db, added, stream_message("secret-after-add", stream_id="secret"),
         sql="INSERT INTO stream_members (stream_id, user_id) VALUES ('secret', 'bob')",
     )  # fmt: skip
     await pump(dispatcher, db)
@@ -245,14 +247,12 @@ async def test_membership_changes_take_effect_live_at_their_position(
     assert carol.entities() == ["w1:carol", "after-join"]
     assert bob.entities() == ["before-join", "after-join", "secret:bob", "secret-after-add"]
 
-    removed = OutboxEvent(
-        "membership.deleted", "membership", "delete", "w1:carol", workspace_id="w1", user_id="carol"
-    )
+    removed = access_change("membership", "delete", "w1:carol", workspace_id="w1", user_id="carol")
     await commit(
-        db, message("removed-same-tx", "general"), removed,
+        db, stream_message("removed-same-tx", stream_id="general"), removed,
         sql="DELETE FROM workspace_members WHERE workspace_id = 'w1' AND user_id = 'carol'",
     )  # fmt: skip
-    await commit(db, message("after-removal", "general"))
+    await commit(db, stream_message("after-removal", stream_id="general"))
     await pump(dispatcher, db)
     await bob.until(lambda: "after-removal" in bob.entities())
     # After-commit semantics: the message committed with the removal is not delivered.
@@ -270,16 +270,14 @@ async def test_private_stream_created_with_its_member_reaches_the_creator(
     alice = connect(dispatcher, "alice")
     await opened(bob)
     await opened(alice)
-    created = OutboxEvent(
-        "stream.created", "stream", "create", "plans", workspace_id="w1", stream_id="plans"
-    )
+    created = access_change("stream", "create", "plans", workspace_id="w1", stream_id="plans")
     await commit(
         db,
         created,
         sql="INSERT INTO streams (id, workspace_id, visibility) VALUES ('plans', 'w1', 'private');"
         "INSERT INTO stream_members (stream_id, user_id) VALUES ('plans', 'bob')",
     )
-    await commit(db, message("marker", "general"))
+    await commit(db, stream_message("marker", stream_id="general"))
     await pump(dispatcher, db)
     await bob.until(lambda: "marker" in bob.entities())
     await alice.until(lambda: "marker" in alice.entities())
@@ -301,7 +299,7 @@ async def test_slow_consumer_is_cut_off_without_delaying_others(
     assert b"event: offset" in opening
     alice = connect(dispatcher, "alice")
     await opened(alice)
-    await commit(db, *[message(f"m{i}", "general") for i in range(30)])
+    await commit(db, *[stream_message(f"m{i}", stream_id="general") for i in range(30)])
     await pump(dispatcher, db)
     await alice.until(lambda: len(alice.entities()) == 30)
     assert slow.closed and slow.close_reason == "slow_consumer"
@@ -309,4 +307,39 @@ async def test_slow_consumer_is_cut_off_without_delaying_others(
     rest = [chunk async for chunk in slow_frames]
     assert parse(rest)[-1] == {"event": "close", "data": {"reason": "slow_consumer"}}
     await alice.close()
-    await publish(db, message("unused", "general"))  # the connection is still usable
+    await publish(db, stream_message("unused", stream_id="general"))  # the connection still works
+
+
+async def test_workspace_loaded_mid_stream_is_judged_as_it_stood_at_the_join(
+    dispatcher: Dispatcher, db: asyncpg.Connection
+) -> None:
+    """Issue 3: a user joins a workspace no connected user is active in; its streams are loaded
+    while the database is already ahead. A stream made private after the join must still
+    deliver the message committed between the join and that change."""
+    carol = connect(dispatcher, "carol")
+    await opened(carol)
+    joined = access_change("membership", "create", "w2:carol", workspace_id="w2", user_id="carol")
+    made_private = access_change(
+        "stream", "update", "w2-general", workspace_id="w2", stream_id="w2-general"
+    )
+    await commit(
+        db,
+        joined,
+        sql="INSERT INTO workspace_members (workspace_id, user_id) VALUES ('w2', 'carol')",
+    )
+    await commit(db, stream_message("while-public", workspace_id="w2", stream_id="w2-general"))
+    await commit(
+        db, made_private, sql="UPDATE streams SET visibility = 'private' WHERE id = 'w2-general'"
+    )
+    await commit(db, stream_message("while-private", workspace_id="w2", stream_id="w2-general"))
+    created = access_change("stream", "create", "w2-new", workspace_id="w2", stream_id="w2-new")
+    await commit(
+        db,
+        created,
+        sql="INSERT INTO streams (id, workspace_id, visibility) VALUES ('w2-new', 'w2', 'public')",
+    )
+    await commit(db, stream_message("in-new", workspace_id="w2", stream_id="w2-new"))
+    await pump(dispatcher, db)  # all of it at once: the load happens with the database ahead
+    await carol.until(lambda: "in-new" in carol.entities())
+    assert carol.entities() == ["w2:carol", "while-public", "w2-new", "in-new"]
+    await carol.close()

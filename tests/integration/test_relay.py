@@ -2,11 +2,11 @@
 
 Each test has a migrated database of its own (`database_url`, `db`). Relays run as tasks of
 the test's event loop through the `relays` factory, which stops every relay it started; the
-bus is an `InProcessBus` read by a `Collector` task (or a `RedisBus` where the bus must fail).
+bus is an `InProcessBus` read by a `tests.bus_readers.Reader` (the `collector` fixture), or a
+`RedisBus` where the bus must fail.
 """
 
 import asyncio
-import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,35 +15,23 @@ from typing import Any
 import asyncpg
 import pytest
 
-from core.events import Event
-from core.publish import OutboxEvent, publish
-from sync.bus import Batch, Bus
+from core.publish import publish
+from sync.bus import Bus
 from sync.bus_memory import InProcessBus
 from sync.bus_redis import RedisBus
 from sync.leader import holder_pid
 from sync.relay import APPLICATION_NAME_PREFIX, OutboxRelay, relay_lag
+from tests.bus_readers import Reader
+from tests.factories import stream_message
 from tests.services import RedisProcess
 
 # Helpers
 
 
-def event(entity_id: str) -> OutboxEvent:
-    """A valid `stream_event.created` in workspace w1, stream s1."""
-    return OutboxEvent(
-        type="stream_event.created",
-        resource_type="stream_event",
-        action="create",
-        entity_id=entity_id,
-        workspace_id="w1",
-        stream_id="s1",
-        data={"text": entity_id},
-    )
-
-
 async def commit(conn: asyncpg.Connection, *entity_ids: str) -> list[int]:
     """Publish one event per id in one transaction; return the positions they got."""
     async with conn.transaction():
-        ids = [await publish(conn, event(e)) for e in entity_ids]
+        ids = [await publish(conn, stream_message(e)) for e in entity_ids]
     rows = await conn.fetch("SELECT seq FROM outbox WHERE id = any($1) ORDER BY seq", ids)
     return [int(r["seq"]) for r in rows]
 
@@ -101,37 +89,6 @@ async def eventually(
         await asyncio.sleep(0.02)
 
 
-class Collector:
-    """Reads every batch a bus delivers after position 0, in a task of its own."""
-
-    def __init__(self, bus: Bus) -> None:
-        self.batches: list[Batch] = []
-        self._task = asyncio.create_task(self._read(bus))
-
-    async def _read(self, bus: Bus) -> None:
-        async for batch in bus.read(0):
-            self.batches.append(batch)
-
-    def events(self) -> list[Event]:
-        """Every event once, in bus order; a position a reader already has is skipped, as
-        readers do when a relay that took over publishes a page again."""
-        seen, out = 0, []
-        for batch in self.batches:
-            for item in batch.events:
-                if item.seq > seen:
-                    out.append(item)
-                    seen = item.seq
-        return out
-
-    def entity_ids(self) -> list[str]:
-        return [e.entity_id for e in self.events()]
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-
 class Running:
     """A relay running as a task until `stop` is set."""
 
@@ -185,17 +142,16 @@ async def bus() -> AsyncIterator[InProcessBus]:
 
 
 @pytest.fixture
-async def collector(bus: InProcessBus) -> AsyncIterator[Collector]:
-    reader = Collector(bus)
-    yield reader
-    await reader.close()
+async def collector(bus: InProcessBus, readers: Callable[..., Reader]) -> Reader:
+    """A `Reader` of `bus` from position 0, stopped at teardown."""
+    return readers(bus)
 
 
 # Order
 
 
 async def test_events_reach_the_bus_in_commit_order_with_prev_chaining(
-    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Collector
+    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Reader
 ) -> None:
     running = relays.start(bus)
     await commit(db, "a", "b")
@@ -215,7 +171,7 @@ async def test_events_reach_the_bus_in_commit_order_with_prev_chaining(
 
 
 async def test_a_backlog_is_relayed_in_pages_that_chain(
-    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Collector
+    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Reader
 ) -> None:
     for i in range(7):
         await commit(db, f"e{i}")
@@ -231,7 +187,7 @@ async def test_a_backlog_is_relayed_in_pages_that_chain(
 
 
 async def test_a_page_keeps_a_transaction_whole_beyond_batch_size(
-    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Collector
+    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Reader
 ) -> None:
     await commit(db, "t1", "t2", "t3")
 
@@ -246,16 +202,16 @@ async def test_a_transaction_that_commits_after_a_higher_id_is_delivered_after_i
     db: asyncpg.Connection,
     relays: Relays,
     bus: InProcessBus,
-    collector: Collector,
+    collector: Reader,
 ) -> None:
     running = relays.start(bus)
     late = await asyncpg.connect(database_url)
     try:
         transaction = late.transaction()
         await transaction.start()
-        id_a = await publish(late, event("A"))
+        id_a = await publish(late, stream_message("A"))
         async with db.transaction():
-            id_b = await publish(db, event("B"))
+            id_b = await publish(db, stream_message("B"))
         assert id_a < id_b
 
         await eventually(lambda: collector.entity_ids() == ["B"], "B on the bus")
@@ -275,7 +231,7 @@ async def test_a_transaction_that_commits_after_a_higher_id_is_delivered_after_i
 
 
 async def test_without_notifications_the_poll_delivers_events(
-    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Collector
+    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Reader
 ) -> None:
     running = relays.start(bus, listen=False, poll_interval_s=0.05)
     await eventually(lambda: running.relay.is_leader, "leadership")
@@ -286,7 +242,7 @@ async def test_without_notifications_the_poll_delivers_events(
 
 
 async def test_a_notification_wakes_the_relay_long_before_the_poll(
-    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Collector
+    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Reader
 ) -> None:
     # With an hour between polls, only the NOTIFY of the commit can bring the event.
     running = relays.start(bus, poll_interval_s=3600)
@@ -306,7 +262,7 @@ async def test_a_malformed_row_goes_to_dead_letters_and_the_relay_goes_on(
     db: asyncpg.Connection,
     relays: Relays,
     bus: InProcessBus,
-    collector: Collector,
+    collector: Reader,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="sync.relay")
@@ -326,7 +282,7 @@ async def test_a_malformed_row_goes_to_dead_letters_and_the_relay_goes_on(
 
 
 async def test_a_page_of_malformed_rows_only_is_not_published(
-    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Collector
+    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Reader
 ) -> None:
     running = relays.start(bus)
     [first] = await commit(db, "first")
@@ -348,7 +304,7 @@ async def test_a_page_of_malformed_rows_only_is_not_published(
 
 
 async def test_a_new_relay_continues_from_the_recorded_position_without_rereading(
-    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Collector
+    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Reader
 ) -> None:
     first = relays.start(bus)
     [_, seq_b] = await commit(db, "a", "b")
@@ -358,14 +314,14 @@ async def test_a_new_relay_continues_from_the_recorded_position_without_rereadin
     await commit(db, "c")
 
     fresh = InProcessBus(max_batches=100)
-    reader = Collector(fresh)
+    reader = Reader(fresh)
     try:
         relays.start(fresh)
         await eventually(lambda: reader.entity_ids() == ["c"], "c on the new bus")
         assert reader.batches[0].prev == seq_b
         assert [e.entity_id for b in reader.batches for e in b.events] == ["c"]
     finally:
-        await reader.close()
+        await reader.stop()
         await fresh.close()
 
 
@@ -391,7 +347,7 @@ async def test_lead_creates_the_progress_row_and_loads_its_position(
 
 
 async def test_one_relay_leads_and_relay_once_needs_leadership(
-    database_url: str, db: asyncpg.Connection, bus: InProcessBus, collector: Collector
+    database_url: str, db: asyncpg.Connection, bus: InProcessBus, collector: Reader
 ) -> None:
     one = OutboxRelay(database_url, bus)
     two = OutboxRelay(database_url, bus)
@@ -423,7 +379,7 @@ async def test_the_standby_takes_over_when_the_leader_dies_and_nothing_is_lost(
     db: asyncpg.Connection,
     relays: Relays,
     bus: InProcessBus,
-    collector: Collector,
+    collector: Reader,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="sync.relay")
@@ -460,7 +416,7 @@ async def test_the_standby_takes_over_when_the_leader_dies_and_nothing_is_lost(
 
 
 async def test_a_relay_whose_connection_is_killed_reconnects_relistens_and_resumes(
-    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Collector
+    db: asyncpg.Connection, relays: Relays, bus: InProcessBus, collector: Reader
 ) -> None:
     # An hour between polls: after the reconnect, only a renewed LISTEN can bring "after".
     running = relays.start(bus, poll_interval_s=3600)
@@ -496,7 +452,7 @@ async def test_while_the_bus_is_down_the_relay_keeps_its_position_and_loses_noth
     with RedisProcess() as redis:
         writer = RedisBus(redis.url, redis_prefix)
         reader_bus = RedisBus(redis.url, redis_prefix)
-        reader = Collector(reader_bus)
+        reader = Reader(reader_bus)
         try:
             running = relays.start(writer)
             [first] = await commit(db, "before")
@@ -519,7 +475,7 @@ async def test_while_the_bus_is_down_the_relay_keeps_its_position_and_loses_noth
             assert reader.entity_ids()[-1] == "during"
             assert reader.batches[-1].prev == first
         finally:
-            await reader.close()
+            await reader.stop()
             await reader_bus.close()
             await relays.close()
             await writer.close()

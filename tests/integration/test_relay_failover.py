@@ -7,7 +7,6 @@ after the takeover must reach a `RedisBus` reader once, in commit order.
 """
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -16,11 +15,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import pytest
 
-from core.publish import OutboxEvent, publish
-from sync.bus import Batch
+from core.publish import publish
 from sync.bus_redis import RedisBus
 from sync.leader import holder_pid
 from sync.relay import APPLICATION_NAME_PREFIX
+from tests.bus_readers import Reader
+from tests.factories import stream_message
 
 Process = asyncio.subprocess.Process
 
@@ -71,57 +71,20 @@ async def relay_processes(
     await processes.stop_all()
 
 
-class BusReader:
-    """Reads the Redis bus from position 0 in a task; `entity_ids` lists each event once."""
-
-    def __init__(self, bus: RedisBus) -> None:
-        self.batches: list[Batch] = []
-        self._task = asyncio.create_task(self._read(bus))
-
-    async def _read(self, bus: RedisBus) -> None:
-        async for batch in bus.read(0):
-            self.batches.append(batch)
-
-    def entity_ids(self) -> list[str]:
-        """Entity ids in bus order, skipping positions already seen (a page published again
-        by the relay that took over), as every reader does."""
-        seen, out = 0, []
-        for batch in self.batches:
-            for item in batch.events:
-                if item.seq > seen:
-                    out.append(item.entity_id)
-                    seen = item.seq
-        return out
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-
 @pytest.fixture
-async def reader(redis_url: str, redis_prefix: str) -> AsyncIterator[BusReader]:
+async def reader(redis_url: str, redis_prefix: str) -> AsyncIterator[Reader]:
+    """A `Reader` of the relays' Redis bus from position 0."""
     bus = RedisBus(redis_url, redis_prefix, block_ms=100)
-    bus_reader = BusReader(bus)
+    bus_reader = Reader(bus)
     yield bus_reader
-    await bus_reader.close()
+    await bus_reader.stop()
     await bus.close()
 
 
 async def commit(conn: asyncpg.Connection, entity_id: str) -> None:
     """Publish one `stream_event.created` in its own transaction."""
     async with conn.transaction():
-        await publish(
-            conn,
-            OutboxEvent(
-                type="stream_event.created",
-                resource_type="stream_event",
-                action="create",
-                entity_id=entity_id,
-                workspace_id="w1",
-                stream_id="s1",
-            ),
-        )
+        await publish(conn, stream_message(entity_id))
 
 
 async def active_relay_os_pid(conn: asyncpg.Connection) -> int | None:
@@ -158,7 +121,7 @@ async def eventually(
 
 
 async def test_killing_the_active_relay_process_hands_over_without_losing_events(
-    db: asyncpg.Connection, relay_processes: RelayProcesses, reader: BusReader
+    db: asyncpg.Connection, relay_processes: RelayProcesses, reader: Reader
 ) -> None:
     first = await relay_processes.start()
     second = await relay_processes.start()

@@ -19,6 +19,7 @@ from core.events import Event
 from core.publish import InvalidEvent, OutboxEvent, publish, publish_many
 from core.schema.migrations import migrate, migrations
 from tests.conftest import short_id
+from tests.factories import access_change, stream_message
 from tests.services import PgServer
 
 
@@ -30,23 +31,6 @@ async def connect(dsn: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
-
-
-def stream_event(entity_id: Any = "ev1", **columns: Any) -> OutboxEvent:
-    """A valid `stream_event.created` in workspace w1, stream s1, with `columns` replaced."""
-    fields: dict[str, Any] = {
-        "type": "stream_event.created",
-        "resource_type": "stream_event",
-        "action": "create",
-        "entity_id": entity_id,
-        "workspace_id": "w1",
-        "stream_id": "s1",
-        "actor_id": "u1",
-        "data": {"text": f"hello from {entity_id}"},
-        "tx": {"id": f"tx-{entity_id}", "sourceId": "tab-1"},
-    }
-    fields.update(columns)
-    return OutboxEvent(**fields)
 
 
 async def outbox_rows(conn: asyncpg.Connection) -> list[asyncpg.Record]:
@@ -75,7 +59,7 @@ async def test_migrate_on_a_migrated_database_applies_nothing(db: asyncpg.Connec
 
 
 async def test_each_migration_can_be_applied_again_without_error(db: asyncpg.Connection) -> None:
-    await publish(db, stream_event())
+    await publish(db, stream_message())
 
     for migration in migrations():
         await db.execute(migration.sql)
@@ -123,7 +107,7 @@ async def test_publish_returns_the_outbox_id_and_seq_is_drawn_at_commit(
     db: asyncpg.Connection,
 ) -> None:
     async with db.transaction():
-        outbox_id = await publish(db, stream_event())
+        outbox_id = await publish(db, stream_message())
         [row] = await outbox_rows(db)
         assert row["id"] == outbox_id
         assert row["seq"] is None
@@ -137,7 +121,7 @@ async def test_publish_returns_the_outbox_id_and_seq_is_drawn_at_commit(
 async def test_publish_writes_the_columns_given(db: asyncpg.Connection) -> None:
     await publish(
         db,
-        stream_event(data={"text": "hi", "n": [1, 2.5, None]}, tx={"id": "t", "sourceId": "x"}),
+        stream_message(data={"text": "hi", "n": [1, 2.5, None]}, tx={"id": "t", "sourceId": "x"}),
     )
 
     [row] = await outbox_rows(db)
@@ -160,7 +144,7 @@ async def test_publish_writes_the_columns_given(db: asyncpg.Connection) -> None:
 
 
 async def test_publish_without_data_or_tx_stores_sql_null(db: asyncpg.Connection) -> None:
-    await publish(db, stream_event(data=None, tx=None))
+    await publish(db, stream_message(data=None, tx=None))
 
     [row] = await outbox_rows(db)
     assert (row["data"], row["tx"]) == (None, None)
@@ -175,9 +159,11 @@ async def test_one_transaction_gets_consecutive_seqs_in_insert_order_and_one_xid
     db: asyncpg.Connection,
 ) -> None:
     async with db.transaction():
-        ids = [await publish(db, stream_event("e1"))]
-        ids += await publish_many(db, [stream_event("e2"), stream_event("e3"), stream_event("e4")])
-        ids.append(await publish(db, stream_event("e5")))
+        ids = [await publish(db, stream_message("e1"))]
+        ids += await publish_many(
+            db, [stream_message("e2"), stream_message("e3"), stream_message("e4")]
+        )
+        ids.append(await publish(db, stream_message("e5")))
         xid = await db.fetchval("SELECT pg_current_xact_id()::text::bigint")
 
     rows = await outbox_rows(db)
@@ -190,9 +176,9 @@ async def test_one_transaction_gets_consecutive_seqs_in_insert_order_and_one_xid
 
 async def test_each_transaction_has_its_own_xid_and_later_seqs(db: asyncpg.Connection) -> None:
     async with db.transaction():
-        await publish_many(db, [stream_event("a1"), stream_event("a2")])
+        await publish_many(db, [stream_message("a1"), stream_message("a2")])
     async with db.transaction():
-        await publish_many(db, [stream_event("b1"), stream_event("b2")])
+        await publish_many(db, [stream_message("b1"), stream_message("b2")])
 
     a1, a2, b1, b2 = await outbox_rows(db)
     assert a1["xid"] == a2["xid"] != b1["xid"] == b2["xid"]
@@ -205,10 +191,10 @@ async def test_seq_follows_commit_order_not_insert_order(
     async with connect(database_url) as other:
         early = db.transaction()
         await early.start()
-        early_id = await publish(db, stream_event("inserted-first"))
+        early_id = await publish(db, stream_message("inserted-first"))
 
         async with other.transaction():
-            late_id = await publish(other, stream_event("inserted-second"))
+            late_id = await publish(other, stream_message("inserted-second"))
 
         await early.commit()
 
@@ -219,51 +205,51 @@ async def test_seq_follows_commit_order_not_insert_order(
 async def test_rolled_back_transaction_leaves_no_row(db: asyncpg.Connection) -> None:
     with pytest.raises(RuntimeError, match="change failed"):
         async with db.transaction():
-            await publish(db, stream_event("rolled-back"))
-            await publish_many(db, [stream_event("also-rolled-back")])
+            await publish(db, stream_message("rolled-back"))
+            await publish_many(db, [stream_message("also-rolled-back")])
             raise RuntimeError("change failed")
 
     assert await outbox_rows(db) == []
 
-    await publish(db, stream_event("kept"))
+    await publish(db, stream_message("kept"))
     assert [r["entity_id"] for r in await outbox_rows(db)] == ["kept"]
 
 
 # Publishing: validation before writing
 
 BAD_EVENTS = [
-    ("empty type", stream_event(type=""), "type must be a non-empty string, got ''"),
+    ("empty type", stream_message(type=""), "type must be a non-empty string, got ''"),
     (
         "no resource type",
-        stream_event(resource_type=None),
+        stream_message(resource_type=None),
         "resource_type must be a non-empty string, got None",
     ),
-    ("numeric entity id", stream_event(entity_id=42), "entity_id must be a non-empty string"),
+    ("numeric entity id", stream_message(entity_id=42), "entity_id must be a non-empty string"),
     (
         "unknown action",
-        stream_event(action="upsert"),
+        stream_message(action="upsert"),
         r"action 'upsert' is not one of \['create', 'delete', 'update'\]",
     ),
     (
         "empty workspace id",
-        stream_event(workspace_id=""),
+        stream_message(workspace_id=""),
         "workspace_id must be a non-empty string or None, got ''",
     ),
-    ("numeric user id", stream_event(user_id=7), "user_id must be a non-empty string or None"),
-    ("numeric actor id", stream_event(actor_id=7), "actor_id must be a non-empty string or None"),
+    ("numeric user id", stream_message(user_id=7), "user_id must be a non-empty string or None"),
+    ("numeric actor id", stream_message(actor_id=7), "actor_id must be a non-empty string or None"),
     (
         "no scope",
-        stream_event(workspace_id=None, stream_id=None),
+        stream_message(workspace_id=None, stream_id=None),
         "event 'stream_event.created' for 'ev1': neither workspace_id nor user_id is set",
     ),
     (
         "membership without user",
-        stream_event(resource_type="membership", type="membership.created", stream_id=None),
+        stream_message(resource_type="membership", type="membership.created", stream_id=None),
         "a 'membership' event must set user_id",
     ),
     (
         "stream member without stream",
-        stream_event(
+        stream_message(
             resource_type="stream_member",
             type="stream_member.created",
             stream_id=None,
@@ -273,12 +259,12 @@ BAD_EVENTS = [
     ),
     (
         "stream without stream id",
-        stream_event(resource_type="stream", type="stream.created", stream_id=None),
+        stream_message(resource_type="stream", type="stream.created", stream_id=None),
         "a 'stream' event must set stream_id",
     ),
     (
         "workspace without workspace id",
-        stream_event(
+        stream_message(
             resource_type="workspace",
             type="workspace.updated",
             workspace_id=None,
@@ -287,11 +273,15 @@ BAD_EVENTS = [
         ),
         "a 'workspace' event must set workspace_id",
     ),
-    ("unserializable data", stream_event(data={"blob": object()}), "data is not JSON-serializable"),
-    ("unserializable tx", stream_event(tx={"id": {1, 2}}), "tx is not JSON-serializable"),
+    (
+        "unserializable data",
+        stream_message(data={"blob": object()}),
+        "data is not JSON-serializable",
+    ),
+    ("unserializable tx", stream_message(tx={"id": {1, 2}}), "tx is not JSON-serializable"),
     (
         "oversize data",
-        stream_event(data={"text": "x" * 70_000}),
+        stream_message(data={"text": "x" * 70_000}),
         "data is 70012 bytes serialized; the limit is 65536 bytes",
     ),
 ]
@@ -307,10 +297,10 @@ async def test_invalid_event_is_refused_before_writing_and_the_transaction_goes_
         with pytest.raises(InvalidEvent, match=message):
             await publish(db, event)
         with pytest.raises(InvalidEvent, match=message):
-            await publish_many(db, [stream_event("good"), event])
+            await publish_many(db, [stream_message("good"), event])
         assert await outbox_rows(db) == []
 
-        await publish(db, stream_event("after"))
+        await publish(db, stream_message("after"))
 
     assert [r["entity_id"] for r in await outbox_rows(db)] == ["after"]
 
@@ -378,11 +368,11 @@ async def test_database_refuses_data_over_64_kib(db: asyncpg.Connection) -> None
 async def test_data_of_exactly_64_kib_is_accepted_by_sdk_and_database(
     db: asyncpg.Connection,
 ) -> None:
-    await publish(db, stream_event(data="x" * 65_534))  # 65,536 bytes with its quotes
+    await publish(db, stream_message(data="x" * 65_534))  # 65,536 bytes with its quotes
 
     assert await db.fetchval("SELECT octet_length(data::text) FROM outbox") == 65_536
     with pytest.raises(InvalidEvent, match="data is 65537 bytes serialized; the limit is 65536"):
-        await publish(db, stream_event(data="x" * 65_535))
+        await publish(db, stream_message(data="x" * 65_535))
 
 
 async def test_sdk_measures_data_as_postgres_prints_it(db: asyncpg.Connection) -> None:
@@ -391,7 +381,7 @@ async def test_sdk_measures_data_as_postgres_prints_it(db: asyncpg.Connection) -
     assert len(orjson.dumps(data)) <= 65_536
 
     with pytest.raises(InvalidEvent, match="data is 90000 bytes serialized; the limit is 65536"):
-        await publish(db, stream_event(data=data))
+        await publish(db, stream_message(data=data))
     with pytest.raises(asyncpg.CheckViolationError, match="outbox_data_max_64kib"):
         await db.execute(_RAW_INSERT, "w1", None, orjson.dumps(data).decode())
 
@@ -404,9 +394,9 @@ async def test_sdk_measures_large_data_with_values_only_orjson_serializes(
     serializes. The size is now measured from orjson's JSON text."""
     when = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
 
-    await publish(db, stream_event("fits", data={"when": when, "text": "x" * 40_000}))
+    await publish(db, stream_message("fits", data={"when": when, "text": "x" * 40_000}))
     with pytest.raises(InvalidEvent, match="the limit is 65536 bytes"):
-        await publish(db, stream_event("too-big", data={"when": when, "text": "x" * 70_000}))
+        await publish(db, stream_message("too-big", data={"when": when, "text": "x" * 70_000}))
 
     data = await db.fetchval("SELECT data FROM outbox WHERE entity_id = 'fits'")
     assert orjson.loads(data)["when"] == "2026-11-20T10:00:00+00:00"
@@ -429,17 +419,6 @@ async def _access(conn: asyncpg.Connection, entity_id: str) -> Any:
     return None if text is None else orjson.loads(text)
 
 
-def _access_event(resource_type: str, action: str, entity_id: str, **scope: Any) -> OutboxEvent:
-    verb = {"create": "created", "update": "updated", "delete": "deleted"}[action]
-    return OutboxEvent(
-        type=f"{resource_type}.{verb}",
-        resource_type=resource_type,
-        action=action,
-        entity_id=entity_id,
-        **scope,
-    )
-
-
 async def test_membership_after_image_is_the_row_as_committed(db: asyncpg.Connection) -> None:
     await _seed_workspace(db)
 
@@ -449,7 +428,7 @@ async def test_membership_after_image_is_the_row_as_committed(db: asyncpg.Connec
             " VALUES ('w1', 'u2', 'invited')"
         )
         await publish(
-            db, _access_event("membership", "create", "m1", workspace_id="w1", user_id="u2")
+            db, access_change("membership", "create", "m1", workspace_id="w1", user_id="u2")
         )
         # Changed again later in the same transaction: the event carries the final state.
         await db.execute("UPDATE workspace_members SET status = 'active', role = 'admin'")
@@ -469,10 +448,10 @@ async def test_stream_member_after_image_shows_joining_and_leaving(db: asyncpg.C
 
     async with db.transaction():
         await db.execute("INSERT INTO stream_members (stream_id, user_id) VALUES ('s1', 'u2')")
-        await publish(db, _access_event("stream_member", "create", "joined", **scope))
+        await publish(db, access_change("stream_member", "create", "joined", **scope))
     async with db.transaction():
         await db.execute("UPDATE stream_members SET left_at = now() WHERE user_id = 'u2'")
-        await publish(db, _access_event("stream_member", "update", "left", **scope))
+        await publish(db, access_change("stream_member", "update", "left", **scope))
 
     joined, left = (await _access(db, "joined"))["row"], (await _access(db, "left"))["row"]
     assert (joined["stream_id"], joined["user_id"], joined["left_at"]) == ("s1", "u2", None)
@@ -488,7 +467,7 @@ async def test_stream_after_image_carries_visibility_and_parent(db: asyncpg.Conn
             " VALUES ('t1', 'w1', 'thread', 's1', 'inherit')"
         )
         await publish(
-            db, _access_event("stream", "create", "t1", workspace_id="w1", stream_id="t1")
+            db, access_change("stream", "create", "t1", workspace_id="w1", stream_id="t1")
         )
 
     row = (await _access(db, "t1"))["row"]
@@ -506,7 +485,7 @@ async def test_workspace_after_image_is_the_workspace_row(db: asyncpg.Connection
 
     async with db.transaction():
         await db.execute("UPDATE workspaces SET name = 'Renamed' WHERE id = 'w1'")
-        await publish(db, _access_event("workspace", "update", "w1", workspace_id="w1"))
+        await publish(db, access_change("workspace", "update", "w1", workspace_id="w1"))
 
     row = (await _access(db, "w1"))["row"]
     assert (row["id"], row["name"]) == ("w1", "Renamed")
@@ -523,13 +502,13 @@ async def test_stream_after_image_lists_members_unless_public(db: asyncpg.Connec
             "INSERT INTO stream_members (stream_id, user_id, left_at) VALUES ('p1', 'u3', now())"
         )
         await publish(
-            db, _access_event("stream", "create", "p1", workspace_id="w1", stream_id="p1")
+            db, access_change("stream", "create", "p1", workspace_id="w1", stream_id="p1")
         )
         await db.execute(
             "INSERT INTO streams (id, workspace_id, visibility) VALUES ('pub', 'w1', 'public')"
         )
         await publish(
-            db, _access_event("stream", "create", "pub", workspace_id="w1", stream_id="pub")
+            db, access_change("stream", "create", "pub", workspace_id="w1", stream_id="pub")
         )
     assert (await _access(db, "p1"))["members"] == ["u1", "u2"]
     assert (await _access(db, "pub"))["members"] is None
@@ -560,7 +539,7 @@ async def test_after_image_of_a_deleted_row_is_null(
     await db.execute("INSERT INTO stream_members (stream_id, user_id) VALUES ('s1', 'u2')")
 
     async with db.transaction():
-        await publish(db, _access_event(resource_type, "delete", "gone", **scope))
+        await publish(db, access_change(resource_type, "delete", "gone", **scope))
         await db.execute(delete_sql)
 
     assert (await _access(db, "gone"))["row"] is None
@@ -571,8 +550,8 @@ async def test_events_that_do_not_change_access_carry_no_after_image(
 ) -> None:
     await _seed_workspace(db)
 
-    await publish(db, stream_event("plain"))
-    await publish(db, _access_event("notification", "create", "n1", user_id="u1"))
+    await publish(db, stream_message("plain"))
+    await publish(db, access_change("notification", "create", "n1", user_id="u1"))
 
     assert await _access(db, "plain") is None
     assert await _access(db, "n1") is None
@@ -584,8 +563,8 @@ async def test_committed_rows_become_events(db: asyncpg.Connection) -> None:
     await publish_many(
         db,
         [
-            stream_event("plain"),
-            _access_event("membership", "update", "m1", workspace_id="w1", user_id="u2"),
+            stream_message("plain"),
+            access_change("membership", "update", "m1", workspace_id="w1", user_id="u2"),
         ],
     )
 
@@ -610,19 +589,19 @@ async def test_current_cursor_in_repeatable_read_splits_events_at_the_snapshot(
     db: asyncpg.Connection, database_url: str
 ) -> None:
     async with connect(database_url) as other, connect(database_url) as slow:
-        await publish(other, stream_event("before-begin"))
+        await publish(other, stream_message("before-begin"))
         # In flight when the snapshot is taken, committed after it.
         in_flight = slow.transaction()
         await in_flight.start()
-        await publish(slow, stream_event("in-flight"))
+        await publish(slow, stream_message("in-flight"))
 
         async with db.transaction(isolation="repeatable_read"):
             # Committed after BEGIN but before the first statement, which takes the snapshot.
-            await publish(other, stream_event("before-snapshot"))
+            await publish(other, stream_message("before-snapshot"))
             cursor = await current_cursor(db)
             visible = {r["entity_id"] for r in await db.fetch("SELECT entity_id FROM outbox")}
 
-            await publish(other, stream_event("after-snapshot"))
+            await publish(other, stream_message("after-snapshot"))
             await in_flight.commit()
 
             assert await current_cursor(db) == cursor
@@ -638,3 +617,36 @@ async def test_current_cursor_in_repeatable_read_splits_events_at_the_snapshot(
     assert parse_cursor(cursor) == await db.fetchval(
         "SELECT seq FROM outbox WHERE entity_id = 'before-snapshot'"
     )
+
+
+async def test_stream_events_carry_the_row_as_it_stood_before_their_transaction(
+    db: asyncpg.Connection,
+) -> None:
+    """A gateway loading a workspace mid-stream sets touched streams back with `before`."""
+    await _seed_workspace(db)
+    async with db.transaction():
+        await db.execute("UPDATE streams SET visibility = 'private' WHERE id = 's1'")
+        await db.execute("UPDATE streams SET name = 'renamed' WHERE id = 's1'")
+        await publish(
+            db, access_change("stream", "update", "s1", workspace_id="w1", stream_id="s1")
+        )
+    async with db.transaction():
+        await db.execute("INSERT INTO streams (id, workspace_id) VALUES ('s2', 'w1')")
+        await publish(
+            db, access_change("stream", "create", "s2", workspace_id="w1", stream_id="s2")
+        )
+    async with db.transaction():  # announced without touching the row: before == after
+        await publish(
+            db, access_change("stream", "update", "s2", workspace_id="w1", stream_id="s2")
+        )
+    images = [
+        orjson.loads(r["access"])
+        for r in await db.fetch(
+            "SELECT access FROM outbox WHERE resource_type = 'stream' ORDER BY seq"
+        )
+    ]
+    assert images[0]["before"]["visibility"] == "public"
+    assert images[0]["before"]["name"] == "general"
+    assert images[0]["row"]["visibility"] == "private"
+    assert images[1]["before"] is None
+    assert images[2]["before"] == images[2]["row"]

@@ -16,6 +16,8 @@ from core.access import (
     workspaces_to_load,
 )
 from core.events import Event
+from tests import factories
+from tests.factories import event_type
 
 _NO_ACCESS: Any = object()
 
@@ -30,24 +32,17 @@ def make_event(
     entity_id: str = "e1",
     row: Any = _NO_ACCESS,
 ) -> Event:
-    """An event as the relay builds it; `row` is the after-image (`access={"row": row}`)."""
-    verb = {"create": "created", "update": "updated", "delete": "deleted"}[action]
-    return Event(
-        seq=1,
-        xid=1,
-        type=f"{resource_type}.{verb}",
+    """A `tests.factories.make_event` of `event_type(resource_type, action)` with these scope
+    columns; `row` is the after-image (`access={"row": row}`), no `access` when not given."""
+    return factories.make_event(
+        type=event_type(resource_type, action),
         resource_type=resource_type,
         action=action,
         entity_id=entity_id,
         workspace_id=workspace_id,
         stream_id=stream_id,
         user_id=user_id,
-        actor_id=None,
-        data=None,
-        tx=None,
         access=None if row is _NO_ACCESS else {"row": row},
-        created_at="2026-11-20T10:00:00.000000Z",
-        committed_at=0.0,
     )
 
 

@@ -3,29 +3,7 @@
 import pytest
 
 from core.channels import channel_for, user_channel, workspace_channel
-from core.events import Event
-
-
-def make_event(
-    *, workspace_id: str | None, stream_id: str | None = None, user_id: str | None = None
-) -> Event:
-    return Event(
-        seq=1,
-        xid=1,
-        type="thing.created",
-        resource_type="thing",
-        action="create",
-        entity_id="e1",
-        workspace_id=workspace_id,
-        stream_id=stream_id,
-        user_id=user_id,
-        actor_id=None,
-        data=None,
-        tx=None,
-        access=None,
-        created_at="2026-11-20T10:00:00.000000Z",
-        committed_at=0.0,
-    )
+from tests.factories import make_event
 
 
 def test_user_channel_key() -> None:
@@ -53,6 +31,12 @@ def test_user_and_workspace_channels_never_collide() -> None:
 def test_channel_for_routes_by_user_then_workspace(
     workspace_id: str | None, stream_id: str | None, user_id: str | None, channel: str
 ) -> None:
-    event = make_event(workspace_id=workspace_id, stream_id=stream_id, user_id=user_id)
+    event = make_event(
+        type="thing.created",
+        resource_type="thing",
+        workspace_id=workspace_id,
+        stream_id=stream_id,
+        user_id=user_id,
+    )
 
     assert channel_for(event) == channel

@@ -13,37 +13,7 @@ from core.events import (
     format_timestamp,
     scope_error,
 )
-
-CREATED_AT = datetime(2026, 11, 20, 10, 0, 0, 123456, tzinfo=UTC)
-COMMITTED_AT = datetime(2026, 11, 20, 10, 0, 1, 500000, tzinfo=UTC)
-_MISSING = object()
-
-
-def outbox_row(**columns: Any) -> dict[str, Any]:
-    """An outbox row as asyncpg returns it (datetimes, JSON text), with `columns` replaced.
-
-    A column given as `_MISSING` is left out of the row.
-    """
-    row: dict[str, Any] = {
-        "id": 7,
-        "seq": 42,
-        "xid": 1234,
-        "type": "stream_event.created",
-        "resource_type": "stream_event",
-        "action": "create",
-        "entity_id": "ev1",
-        "workspace_id": "w1",
-        "stream_id": "s1",
-        "user_id": None,
-        "actor_id": "u1",
-        "data": '{"text": "hello"}',
-        "tx": '{"id": "t1", "sourceId": "tab-1"}',
-        "access": None,
-        "created_at": CREATED_AT,
-        "committed_at": COMMITTED_AT,
-    }
-    row.update(columns)
-    return {name: value for name, value in row.items() if value is not _MISSING}
+from tests.factories import COMMITTED_AT, MISSING, outbox_row
 
 
 def test_from_row_reads_an_outbox_row_with_datetimes() -> None:
@@ -111,7 +81,7 @@ def test_from_row_accepts_formatted_created_at_and_epoch_committed_at() -> None:
 
 def test_from_row_treats_a_missing_commit_time_as_zero() -> None:
     assert Event.from_row(outbox_row(committed_at=None)).committed_at == 0.0
-    assert Event.from_row(outbox_row(committed_at=_MISSING)).committed_at == 0.0
+    assert Event.from_row(outbox_row(committed_at=MISSING)).committed_at == 0.0
 
 
 def test_from_row_converts_created_at_to_utc() -> None:
@@ -182,7 +152,7 @@ def test_to_wire_has_plain_json_types_only() -> None:
 @pytest.mark.parametrize(
     ("columns", "message"),
     [
-        ({"type": _MISSING}, "outbox row 42: KeyError: 'type'"),
+        ({"type": MISSING}, "outbox row 42: KeyError: 'type'"),
         ({"type": ""}, "outbox row 42: type must be a non-empty string, got ''"),
         ({"resource_type": None}, "resource_type must be a non-empty string, got None"),
         ({"action": 1}, "action must be a non-empty string, got 1"),
@@ -197,15 +167,15 @@ def test_to_wire_has_plain_json_types_only() -> None:
         ({"seq": -3}, "seq must be a positive integer, got -3"),
         ({"seq": "42"}, "seq must be a positive integer, got '42'"),
         ({"seq": None}, "outbox row 7: seq must be a positive integer, got None"),
-        ({"seq": _MISSING}, "outbox row 7: KeyError: 'seq'"),
-        ({"xid": _MISSING}, "KeyError: 'xid'"),
+        ({"seq": MISSING}, "outbox row 7: KeyError: 'seq'"),
+        ({"xid": MISSING}, "KeyError: 'xid'"),
         ({"xid": "abc"}, "ValueError: invalid literal for int"),
         ({"data": {"text": "hello"}}, "data must be JSON text, got dict"),
         ({"tx": ["t1"]}, "tx must be JSON text, got list"),
         ({"access": "[1, 2]"}, r"access must be a JSON object, got \[1, 2\]"),
         ({"access": "{not json"}, "JSONDecodeError"),
         ({"created_at": 12}, "created_at must be a timestamp, got 12"),
-        ({"created_at": _MISSING}, "KeyError: 'created_at'"),
+        ({"created_at": MISSING}, "KeyError: 'created_at'"),
         ({"committed_at": "yesterday"}, "ValueError: could not convert string to float"),
     ],
 )

@@ -7,7 +7,6 @@ from typing import Any
 import orjson
 import pytest
 
-from core.events import Event
 from core.frames import (
     PING,
     change_payload,
@@ -17,24 +16,10 @@ from core.frames import (
     encode_offset,
     encode_retry,
 )
+from tests.factories import make_event
 
-EVENT = Event(
-    seq=42,
-    xid=1234,
-    type="stream_event.created",
-    resource_type="stream_event",
-    action="create",
-    entity_id="ev1",
-    workspace_id="w1",
-    stream_id="s1",
-    user_id=None,
-    actor_id="u1",
-    data='{"text": "hello", "n": 1}',
-    tx='{"id": "t1", "sourceId": "tab-1"}',
-    access=None,
-    created_at="2026-11-20T10:00:00.123456Z",
-    committed_at=1_795_000_000.5,
-)
+EVENT = make_event(data='{"text": "hello", "n": 1}', committed_at=1_795_000_000.5)
+"""Position 42, `stream_event.created` of `ev1` in w1/s1 by u1 (`tests.factories.outbox_row`)."""
 
 
 def parse_sse(stream: bytes) -> list[dict[str, Any]]:

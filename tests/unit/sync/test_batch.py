@@ -5,11 +5,11 @@ import pytest
 
 from core.events import MalformedEvent
 from sync.bus import Batch
-from tests.contract.test_bus import event
+from tests.factories import event_at
 
 
 def test_batch_last_is_the_position_of_its_last_event() -> None:
-    assert Batch(3, (event(4), event(5), event(9))).last == 9
+    assert Batch(3, (event_at(4), event_at(5), event_at(9))).last == 9
 
 
 def test_batch_needs_at_least_one_event() -> None:
@@ -20,21 +20,21 @@ def test_batch_needs_at_least_one_event() -> None:
 @pytest.mark.parametrize("positions", [(5, 4), (4, 4), (2, 6, 5)])
 def test_batch_refuses_events_not_in_increasing_position_order(positions: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match=r"batch positions \[.*\] \(prev 0\) are not increasing"):
-        Batch(0, tuple(event(p) for p in positions))
+        Batch(0, tuple(event_at(p) for p in positions))
 
 
 @pytest.mark.parametrize("prev", [4, 5])
 def test_batch_refuses_prev_at_or_past_its_first_position(prev: int) -> None:
     with pytest.raises(ValueError, match=rf"batch positions \[4, 6\] \(prev {prev}\)"):
-        Batch(prev, (event(4), event(6)))
+        Batch(prev, (event_at(4), event_at(6)))
 
 
 def test_batch_accepts_a_gap_between_prev_and_its_first_position() -> None:
-    assert Batch(1, (event(10),)).prev == 1
+    assert Batch(1, (event_at(10),)).prev == 1
 
 
 def test_encode_then_decode_gives_an_equal_batch() -> None:
-    access_event = event(
+    access_event = event_at(
         8,
         type="membership.created",
         resource_type="membership",
@@ -43,9 +43,9 @@ def test_encode_then_decode_gives_an_equal_batch() -> None:
         user_id="u-2",
         data=None,
         tx=None,
-        access='{"row": {"user_id": "u-2", "role": "member", "status": "active"}}',
+        access={"row": {"user_id": "u-2", "role": "member", "status": "active"}},
     )
-    batch = Batch(2, (event(3), event(5), access_event))
+    batch = Batch(2, (event_at(3), event_at(5), access_event))
 
     decoded = Batch.decode(batch.encode())
 
@@ -56,7 +56,7 @@ def test_encode_then_decode_gives_an_equal_batch() -> None:
 
 
 def test_decode_accepts_the_encoding_as_text() -> None:
-    batch = Batch(0, (event(1),))
+    batch = Batch(0, (event_at(1),))
 
     assert Batch.decode(batch.encode().decode()) == batch
 
@@ -82,14 +82,14 @@ def test_decode_raises_value_error_for_a_foreign_payload(payload: bytes) -> None
 
 
 def test_decode_raises_malformed_event_for_an_invalid_event() -> None:
-    wire = event(1).to_wire() | {"action": "upsert"}
+    wire = event_at(1).to_wire() | {"action": "upsert"}
 
     with pytest.raises(MalformedEvent, match="action 'upsert' is not one of"):
         Batch.decode(orjson.dumps({"prev": 0, "events": [wire]}))
 
 
 def test_decode_refuses_a_payload_that_breaks_batch_rules() -> None:
-    wires = [event(2).to_wire(), event(1).to_wire()]
+    wires = [event_at(2).to_wire(), event_at(1).to_wire()]
 
     with pytest.raises(ValueError, match="are not increasing"):
         Batch.decode(orjson.dumps({"prev": 0, "events": wires}))
