@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 import asyncpg
 import uvicorn
@@ -25,6 +26,7 @@ from gateway.auth import Authenticator
 from gateway.logs import configure_logging
 from gateway.runtime import make_bus, make_relay
 from gateway.settings import Settings
+from gateway.shutdown import server_shutdown_timeout_s
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,6 +87,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
 
         os.environ["DATABASE_URL"] = start_embedded_postgres(settings.data_dir).dsn
         asyncio.run(_migrate(Settings()))
+    signal.signal(signal.SIGTERM, _stopped)
     uvicorn.run(
         "gateway.app:app_from_env",
         factory=True,
@@ -92,8 +95,16 @@ def _serve(settings: Settings, args: argparse.Namespace) -> None:
         port=settings.port,
         workers=args.workers,
         log_config=None,
-        timeout_graceful_shutdown=int(settings.send_timeout_s) + 5,
+        timeout_graceful_shutdown=server_shutdown_timeout_s(settings),
     )
+
+
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM while uvicorn's own handler is not installed: uvicorn re-raises the SIGTERM it
+    handled once its graceful shutdown is over (the streams drained, `gateway.shutdown`), so
+    the default action would report death by signal (status 143). A requested stop that
+    completed is a success: exit 0."""
+    raise SystemExit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

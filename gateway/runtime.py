@@ -1,8 +1,8 @@
 """Everything a gateway process runs, built from settings and passed explicitly (no globals).
 
-`Runtime.start(settings)` opens the Postgres pool and the bus, starts the dispatcher (and, in
-one-process mode or with `with_relay`, an outbox relay) as tasks; `close()` stops them in
-reverse order: tasks, bus, pool (arq's `close()`).
+`Runtime.start(settings)` opens the Postgres pool and the bus, starts the dispatcher, the
+shutdown drain (`gateway.shutdown`) and, in one-process mode or with `with_relay`, an outbox
+relay as tasks; `close()` stops them in reverse order: tasks, bus, pool (arq's `close()`).
 """
 
 import asyncio
@@ -18,12 +18,14 @@ from core.types import Frame
 from gateway.auth import Authenticator
 from gateway.limits import ConnectionLimiter
 from gateway.settings import Settings
+from gateway.shutdown import Drain
 from sync.access_cache import AccessCache
 from sync.bus import Bus
 from sync.bus_memory import InProcessBus
 from sync.bus_redis import RedisBus
 from sync.dispatcher import Dispatcher
 from sync.relay import OutboxRelay
+from sync.retention import Pruner
 from sync.subscribers import StreamSubscriberManager
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,8 @@ def retry_frame(settings: Settings) -> Frame:
 
 
 def make_relay(settings: Settings, bus: Bus) -> OutboxRelay:
-    """An outbox relay configured from settings. Raises ValueError without DATABASE_URL."""
+    """An outbox relay configured from settings, pruning the outbox past `retention_s`.
+    Raises ValueError without DATABASE_URL."""
     if not settings.database_url:
         raise ValueError("DATABASE_URL is not set")
     return OutboxRelay(
@@ -55,6 +58,11 @@ def make_relay(settings: Settings, bus: Bus) -> OutboxRelay:
         batch_size=settings.relay_batch_size,
         poll_interval_s=settings.relay_poll_interval_s,
         standby_retry_s=settings.relay_standby_retry_s,
+        pruner=Pruner(
+            retention_s=settings.retention_s,
+            batch_size=settings.prune_batch_size,
+            interval_s=settings.prune_interval_s,
+        ),
     )
 
 
@@ -68,6 +76,7 @@ class Runtime:
     dispatcher: Dispatcher
     auth: Authenticator
     limiter: ConnectionLimiter
+    drain: Drain
     relay: OutboxRelay | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -94,9 +103,11 @@ class Runtime:
             retry_frame=lambda: retry_frame(settings),
         )
         limiter = ConnectionLimiter(settings.max_connections_per_user)
-        runtime = cls(settings, pool, bus, dispatcher, auth, limiter)
+        drain = Drain(dispatcher, settings.drain_s)
+        runtime = cls(settings, pool, bus, dispatcher, auth, limiter, drain)
         await dispatcher.start()
         runtime.tasks.append(asyncio.create_task(dispatcher.run(runtime.stop), name="dispatcher"))
+        runtime.tasks.append(asyncio.create_task(runtime.drain.run(runtime.stop), name="drain"))
         if settings.with_relay or not settings.redis_url:
             runtime.relay = make_relay(settings, bus)
             runtime.tasks.append(asyncio.create_task(runtime.relay.run(runtime.stop), name="relay"))

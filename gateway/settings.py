@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     send_timeout_s: float = Field(
         10.0, gt=0, description="Seconds a socket may accept nothing while data waits."
     )
+    drain_s: float = Field(
+        10.0,
+        ge=0,
+        description="On SIGTERM, window over which open streams are sent `close` (shutdown),"
+        " spread out so their reconnects do not arrive at once, seconds.",
+    )
     window_events: int = Field(
         10_000, gt=0, description="Recent events kept per gateway for catch-up."
     )
@@ -54,6 +60,13 @@ class Settings(BaseSettings):
     )
     relay_standby_retry_s: float = Field(
         1.0, gt=0, description="How often a standby relay tries to become active, seconds."
+    )
+    retention_s: float = Field(
+        86_400.0, gt=0, description="Age past which the relay deletes outbox rows, seconds."
+    )
+    prune_batch_size: int = Field(1000, gt=0, description="Outbox rows deleted per prune step.")
+    prune_interval_s: float = Field(
+        60.0, gt=0, description="Pause between prune steps once caught up, seconds."
     )
     bus_max_batches: int = Field(
         10_000, gt=0, description="Batches the bus keeps (Redis stream MAXLEN ~)."

@@ -3,7 +3,10 @@
 Departures from sse-starlette's defaults: frames are pre-encoded bytes (one encoding per event,
 shared by every subscriber); the keep-alive is the bare comment `: ping`; lines end in `\\n`;
 `Cache-Control` is `no-cache` as PROTOCOL.md §3 says; a send that times out ends the stream
-quietly (logged as a stalled client) instead of surfacing as an application error.
+quietly (logged as a stalled client) instead of surfacing as an application error; on
+shutdown a stream is not cancelled at once but closed with `event: close` (shutdown) at its
+turn in the drain window, and a request that arrives during the drain gets only that farewell
+(`gateway.shutdown`).
 """
 
 import asyncio
@@ -23,6 +26,7 @@ from core.cursors import InvalidCursor, parse_cursor
 from gateway.auth import AuthError
 from gateway.problems import problem
 from gateway.runtime import Runtime, retry_frame
+from gateway.shutdown import Drain, stream_grace_s
 from sync.catchup import StreamRequest, open_stream
 from sync.subscribers import Subscriber
 
@@ -68,15 +72,25 @@ def stream_request(request: Request, user_id: str, admin: bool) -> StreamRequest
     return StreamRequest(user_id, admin, after=parse_cursor(offset))
 
 
+def shutdown_response(drain: Drain) -> Response:
+    """`200 text/event-stream` whose whole body is a jittered `retry:` and `event: close`
+    `{"reason": "shutdown"}`: the EventSource reconnects (to another replica) after the
+    `retry:` delay, where a 503 would end it for good (WHATWG HTML §9.2.3)."""
+    return Response(drain.farewell(), media_type="text/event-stream", headers=HEADERS)
+
+
 async def me_stream(request: Request) -> Response:
     """401 without a valid token, 400 for a malformed `offset`, 429 past the per-user cap,
-    else the SSE stream, which ends with `event: close` `token_expired` when the token does."""
+    `shutdown_response` while the process drains, else the SSE stream, which ends with
+    `event: close` `token_expired` when the token does, or `shutdown` at its turn in the drain."""
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
     try:
         principal = runtime.auth.authenticate(request)
     except AuthError as exc:
         return problem(401, str(exc), headers={"WWW-Authenticate": 'Bearer realm="userstream"'})
+    if runtime.drain.draining:
+        return shutdown_response(runtime.drain)
     try:
         start = stream_request(request, principal.user_id, principal.admin)
     except InvalidCursor as exc:
@@ -90,6 +104,7 @@ async def me_stream(request: Request) -> Response:
         max_buffer_bytes=settings.max_buffer_bytes,
         admin=principal.admin,
     )
+    runtime.drain.track(subscriber)
     frames = open_stream(
         runtime.dispatcher,
         start,
@@ -107,6 +122,7 @@ async def me_stream(request: Request) -> Response:
     def on_close() -> None:
         expiry.cancel()
         runtime.limiter.release(principal.user_id)
+        runtime.drain.untrack(subscriber)
 
     return StreamResponse(
         frames,
@@ -115,5 +131,7 @@ async def me_stream(request: Request) -> Response:
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
         sep="\n",
         send_timeout=settings.send_timeout_s,
+        shutdown_event=runtime.drain.shutdown_event,
+        shutdown_grace_period=stream_grace_s(settings),
         on_close=on_close,
     )

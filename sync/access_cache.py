@@ -86,6 +86,7 @@ class AccessCache:
         self.state = AccessState()
         self._connections: dict[str, int] = {}
         self._active_users: dict[str, set[str]] = {}
+        self._idle: set[str] = set()
 
     @property
     def user_count(self) -> int:
@@ -212,8 +213,15 @@ class AccessCache:
                 members.add(change.user_id)
             else:
                 members.discard(change.user_id)
-                self._evict_unused([change.workspace_id])
+                self._idle.add(change.workspace_id)
         return changes
+
+    def evict_idle(self) -> None:
+        """Forget the streams of workspaces no connected user is active in any more. Called
+        after a whole batch, so a workspace left and re-entered within one batch stays loaded
+        (and current: its `stream` events keep applying) instead of going missing."""
+        idle, self._idle = self._idle, set()
+        self._evict_unused(idle)
 
     def channels_of(self, user_id: str) -> set[str]:
         """Ids of the workspaces whose channel this user's connections listen on."""

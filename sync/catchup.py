@@ -8,7 +8,13 @@ position for `offset=now`):
    position (`AccessCache.install`, replaying the part of the recent window after `c`).
 2. While `a` is older than what the dispatcher's recent window holds (`RecentEvents.floor`),
    read pages of events after `a` from Postgres and send those the user may read. A page may
-   run past the dispatcher: that is fine, `a` moves with it.
+   run past the dispatcher: that is fine, `a` moves with it. Pages hold at most `page_size`
+   events (a large transaction is split across pages: replay judges every event against the
+   access state of the reconnect anyway), so a catch-up of any length holds one page at a
+   time. If retention has pruned events after `a` (`sync.retention.pruned_through`, read
+   after each page), send `must-refetch` instead and go on live from the dispatcher's
+   position (PROTOCOL.md §3). A cursor the window covers needs no page and is served in full
+   even when the outbox no longer holds its events.
 3. Then, without awaiting anything (so the dispatcher cannot move in between): take the window's
    events after `a`, register the subscriber with `after = max(a, dispatcher position)`, and
    queue the `offset` frame. From here the dispatcher offers it only events past `after`.
@@ -19,18 +25,20 @@ state at their own position (centrifuge `internal/recovery`, which merges histor
 publications by offset the same way).
 """
 
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from core.access import can_receive
 from core.channels import user_channel, workspace_channel
 from core.cursors import format_cursor
+from core.events import Event, MalformedEvent
 from core.frames import encode_change, encode_must_refetch, encode_offset
-from core.types import Frame
+from core.types import Connection, Frame
 from sync.access_cache import Snapshot
 from sync.dispatcher import Dispatcher
-from sync.outbox import read_page
+from sync.retention import pruned_through
 from sync.subscribers import Subscriber
 
 logger = logging.getLogger(__name__)
@@ -43,6 +51,12 @@ Installed at that position (or behind it, replaying the window) the new access s
 from the first event on. If the dispatcher is slower (bus down; or the newest rows are
 malformed and never dispatched) the state is installed ahead of it: the dispatcher re-applies
 the after-images it has not reached, which converges to the same state."""
+
+
+_HISTORY_PAGE = (
+    f"SELECT {', '.join(f.name for f in dataclasses.fields(Event))} FROM outbox"
+    " WHERE seq > $1 ORDER BY seq LIMIT $2"
+)
 
 
 class AccessLoadFailed(RuntimeError):
@@ -68,7 +82,7 @@ async def open_stream(
     first: Frame = b"",
     page_size: int = 500,
     on_open: Callable[[int], None] | None = None,
-) -> AsyncIterator[Frame]:
+) -> AsyncGenerator[Frame, None]:
     """The frames of one `/me/stream` response: `first` (the `retry:` frame, sent at once),
     catch-up, `offset`, then live frames from `subscriber` until it is closed.
 
@@ -148,14 +162,45 @@ def _start_position(
 async def _page(
     dispatcher: Dispatcher, request: StreamRequest, after: int, page_size: int
 ) -> tuple[Frame, int]:
+    """The frames of the next page of history after `after`, and where the next page starts.
+
+    When retention has pruned events after `after`, the frame is `must-refetch` and the
+    position jumps to the dispatcher's: live from now (PROTOCOL.md §3).
+    """
     async with dispatcher.pool.acquire() as conn:
-        page = await read_page(conn, after, page_size)
+        events, last = await _read_history(conn, after, page_size)
+        # Read after the page: a prune deletes rows and raises the watermark in one statement,
+        # so a watermark at or below `after`, read now, proves that the page missed no row.
+        pruned = await pruned_through(conn)
+    if pruned > after:
+        reason = (
+            f"cursor {format_cursor(after)} is older than the retained history"
+            f" (events up to {format_cursor(pruned)} were pruned)"
+        )
+        logger.info("stream of user %s: %s", request.user_id, reason)
+        return encode_must_refetch(reason), max(dispatcher.position, pruned)
     state = dispatcher.cache.state
     chunk = b"".join(
         encode_change(e)
-        for e in page.events
+        for e in events
         if can_receive(state, request.user_id, e, admin=request.admin)
     )
-    if page.last == after:  # nothing more in Postgres: the window must already cover it
+    if last == after:  # nothing more in Postgres: the window must already cover it
         return chunk, max(after, dispatcher.window.floor)
-    return chunk, page.last
+    return chunk, last
+
+
+async def _read_history(conn: Connection, after: int, limit: int) -> tuple[list[Event], int]:
+    """At most `limit` committed events after `after`, in position order, and the position
+    of the last row read (`after` when none). Rows that are not valid events are skipped: the
+    relay keeps them in `outbox_dead_letters`. Unlike `sync.outbox.fetch_after`, a page never
+    grows to complete a transaction, so its size stays bounded however large they are.
+    """
+    rows = await conn.fetch(_HISTORY_PAGE, after, limit)
+    events = []
+    for row in rows:
+        try:
+            events.append(Event.from_row(row))
+        except MalformedEvent:
+            continue
+    return events, int(rows[-1]["seq"]) if rows else after

@@ -158,6 +158,7 @@ class Dispatcher:
         if missing:
             await self.cache.load_workspaces(self.pool, missing, at=self.position)
         self.dispatch(events)
+        self.cache.evict_idle()
         self._advanced.set()
         self._advanced = asyncio.Event()
 

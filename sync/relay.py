@@ -10,10 +10,13 @@ arq's `main()` / `_poll_iteration()` (STYLE.md §7):
 3. Step: read one page after the position (`sync.outbox.read_page`, which owns the commit-order
    rule), keep malformed rows in `outbox_dead_letters`, publish the events as one `Batch`
    whose `prev` is the position before the page, then record the page's last position.
-4. After a full page, step again at once; otherwise wait for a NOTIFY or `poll_interval_s`,
-   whichever comes first. The poll is the source of truth, NOTIFY only shortens the wait, and
-   the poll query (run under `query_timeout_s`) is also the liveness check of the connection:
-   asyncpg never reports a half-open one by itself (FIELD-NOTES §3, asyncpg#519).
+4. With a `sync.retention.Pruner`, prune one batch of old outbox rows when it is due (only
+   the active relay prunes, on its own connection, never past its own position).
+5. After a full page (or a full pruning batch), step again at once; otherwise wait for a
+   NOTIFY or `poll_interval_s`, whichever comes first. The poll is the source of truth,
+   NOTIFY only shortens the wait, and the poll query (run under `query_timeout_s`) is also
+   the liveness check of the connection: asyncpg never reports a half-open one by itself
+   (FIELD-NOTES §3, asyncpg#519).
 
 Guarantees. The position advances only after the bus accepted the page (or refused it as
 already published), so no row is lost or skipped. Delivery to the bus is at least once: a
@@ -46,6 +49,7 @@ from core.types import Connection
 from sync import leader
 from sync.bus import Batch, Bus
 from sync.outbox import Page, read_page, record_dead_letters
+from sync.retention import Pruner
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +97,12 @@ class OutboxRelay:
     rows per step, >= 1 (a page completes its last transaction, so it may hold more).
     `poll_interval_s`, `standby_retry_s`, `query_timeout_s`: seconds, > 0; `query_timeout_s`
     bounds every query and the connect, and so how long a dead connection goes unnoticed
-    while a query runs. `listen=False`: no LISTEN, polling only.
+    while a query runs. `listen=False`: no LISTEN, polling only. `pruner`: the outbox
+    retention to apply while leading (`prune_once`); None: the outbox is never pruned.
 
     `is_leader` is True while this relay holds the lock; `position` is the last position it
-    published (valid once leader). Raises ValueError for a value out of range.
+    published (valid once leader); `dead_letters` counts the malformed rows this relay moved
+    past (each kept in `outbox_dead_letters`). Raises ValueError for a value out of range.
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class OutboxRelay:
         standby_retry_s: float = 1.0,
         listen: bool = True,
         query_timeout_s: float = 5.0,
+        pruner: Pruner | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -128,8 +135,10 @@ class OutboxRelay:
         self.standby_retry_s = standby_retry_s
         self.listen = listen
         self.query_timeout_s = query_timeout_s
+        self.pruner = pruner
         self.is_leader = False
         self.position = 0
+        self.dead_letters = 0
         self._conn: asyncpg.Connection[Any] | None = None
         self._wake = asyncio.Event()
         self._standby = False
@@ -166,8 +175,9 @@ class OutboxRelay:
         while not stop.is_set():
             self._wake.clear()
             rows = await self.relay_once()
+            more = await self.prune_once()
             self._failures = 0
-            if rows < self.batch_size:
+            if rows < self.batch_size and not more:
                 await _wait_any((stop, self._wake), self.poll_interval_s)
 
     async def lead(self) -> bool:
@@ -222,7 +232,26 @@ class OutboxRelay:
             async with asyncio.timeout(self.query_timeout_s):
                 await conn.execute(_SAVE_POSITION, self.name, page.last)
             self.position = page.last
+            self.dead_letters += len(page.malformed)
         return len(page.events) + len(page.malformed)
+
+    async def prune_once(self) -> bool:
+        """Run one pruning step if this relay leads and its pruner is due; True when the
+        step deleted a full batch (more is due at once). Rows past `position` are kept.
+
+        A failure (Postgres error, or `query_timeout_s` passed) is logged and not raised:
+        relaying goes on, and the pruner tries again `interval_s` later. If the connection
+        itself is lost, the next `relay_once` fails and the loop reconnects.
+        """
+        pruner, conn = self.pruner, self._conn
+        if pruner is None or conn is None or not self.is_leader or not pruner.due():
+            return False
+        try:
+            async with asyncio.timeout(self.query_timeout_s):
+                return await pruner.step(conn, self.position)
+        except _FAULTS as exc:
+            logger.warning("outbox pruning failed, retrying in %.0f s: %r", pruner.interval_s, exc)
+            return False
 
     async def close(self) -> None:
         """Release the lock and close the connection (idempotent; never raises).

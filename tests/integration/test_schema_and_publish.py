@@ -85,7 +85,7 @@ async def test_migrate_applies_every_migration_once_on_an_empty_database(
     empty_database_url: str,
 ) -> None:
     names = [m.name for m in migrations()]
-    assert names == ["001_stream_model.sql", "002_outbox.sql"]
+    assert names == ["001_stream_model.sql", "002_outbox.sql", "003_retention.sql"]
 
     async with connect(empty_database_url) as conn:
         assert await migrate(conn) == names

@@ -5,4 +5,4 @@ import asyncpg
 
 async def test_each_test_gets_a_migrated_database(db: asyncpg.Connection) -> None:
     assert await db.fetchval("SELECT count(*) FROM outbox") == 0
-    assert await db.fetchval("SELECT count(*) FROM userstream_migrations") == 2
+    assert await db.fetchval("SELECT count(*) FROM userstream_migrations") == 3
