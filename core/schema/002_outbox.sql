@@ -100,7 +100,8 @@ BEGIN
     UPDATE outbox
        SET seq = nextval('outbox_seq'),
            committed_at = clock_timestamp(),
-           access = userstream_outbox_access(NEW)
+           access = CASE WHEN NEW.resource_type IN ('workspace', 'membership', 'stream', 'stream_member')
+                         THEN userstream_outbox_access(NEW) END
      WHERE id = NEW.id;
     PERFORM pg_notify('@NOTIFY_CHANNEL@', '');
     RETURN NULL;

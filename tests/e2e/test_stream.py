@@ -12,26 +12,13 @@ import orjson
 
 from core.publish import OutboxEvent, publish, publish_many
 from tests.e2e.harness import Processes, StreamClient, bearer
+from tests.e2e.sequence import seed
 from tests.factories import stream_message
 
 CHANGE_KEYS = [
     "cursor", "type", "resourceType", "action", "entityId", "workspaceId",
     "streamId", "userId", "actorId", "createdAt", "data", "tx",
 ]  # fmt: skip
-
-
-async def seed(db: asyncpg.Connection) -> None:
-    await db.execute(
-        """
-        INSERT INTO workspaces (id, name) VALUES ('w1', 'One');
-        INSERT INTO users (id, name) VALUES ('alice', 'Alice'), ('bob', 'Bob');
-        INSERT INTO workspace_members (workspace_id, user_id, status)
-            VALUES ('w1', 'alice', 'active'), ('w1', 'bob', 'active');
-        INSERT INTO streams (id, workspace_id, name, visibility)
-            VALUES ('general', 'w1', 'general', 'public'), ('secret', 'w1', 'secret', 'private');
-        INSERT INTO stream_members (stream_id, user_id) VALUES ('secret', 'alice');
-        """
-    )
 
 
 async def test_changes_reach_exactly_the_users_the_rules_allow(

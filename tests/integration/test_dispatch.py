@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import orjson
 import pytest
 
 from core.cursors import format_cursor
@@ -22,20 +21,7 @@ from sync.dispatcher import Dispatcher
 from sync.outbox import read_page
 from sync.subscribers import StreamSubscriberManager, Subscriber
 from tests.factories import access_change, stream_message
-
-
-def parse(chunks: list[Frame]) -> list[dict[str, Any]]:
-    """SSE frames as dicts of their fields (data parsed as JSON)."""
-    frames = []
-    for block in b"".join(chunks).split(b"\n\n"):
-        fields: dict[str, Any] = {}
-        for line in block.decode().split("\n"):
-            if line and not line.startswith(":"):
-                name, _, value = line.partition(": ")
-                fields[name] = orjson.loads(value) if name == "data" else value
-        if fields:
-            frames.append(fields)
-    return frames
+from tests.sse import parse
 
 
 class Connection:

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import orjson
 import pytest
 
 from core.cursors import current_position, format_cursor
@@ -26,6 +25,7 @@ from sync.relay import OutboxRelay
 from sync.retention import Pruner, PruneResult, prune_batch, pruned_through
 from sync.subscribers import StreamSubscriberManager, Subscriber
 from tests.factories import stream_message
+from tests.sse import parse
 
 DAY_S = 86_400.0
 
@@ -65,20 +65,6 @@ async def eventually(check: Any, what: str, timeout_s: float = 10) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
-
-
-def parse(chunks: list[Frame]) -> list[dict[str, Any]]:
-    """SSE frames as dicts of their fields (`data` parsed as JSON)."""
-    frames = []
-    for block in b"".join(chunks).split(b"\n\n"):
-        fields: dict[str, Any] = {}
-        for line in block.decode().split("\n"):
-            if line and not line.startswith(":"):
-                name, _, value = line.partition(": ")
-                fields[name] = orjson.loads(value) if name == "data" else value
-        if fields:
-            frames.append(fields)
-    return frames
 
 
 # Pruning
