@@ -1,7 +1,8 @@
 """The ASGI application: `create_app(settings)` builds everything; nothing runs at import.
 
-Routes: `GET /me/stream` (PROTOCOL.md §3), `GET /healthz`, `GET /readyz`, and in demo mode
-`/demo` with its helpers. `app_from_env()` is the factory uvicorn imports in worker processes.
+Routes: `GET /me/stream` (PROTOCOL.md §3), `GET /healthz`, `GET /readyz`, `GET /metrics`,
+`GET /admin/status` (`gateway.admin`), and in demo mode `/demo` with its helpers.
+`app_from_env()` is the factory uvicorn imports in worker processes.
 """
 
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Route
 
+from gateway.admin import admin_status, metrics, serve_metrics
 from gateway.demo_page import demo_routes
 from gateway.health import healthz, readyz
 from gateway.logs import configure_logging
@@ -27,6 +29,8 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings)
         app.state.runtime = runtime
+        if settings.metrics_port is not None:
+            serve_metrics(settings.metrics_port, settings.host)
         try:
             yield
         finally:
@@ -36,6 +40,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/me/stream", me_stream),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/admin/status", admin_status),
     ]
     if settings.demo:
         routes += demo_routes()

@@ -22,6 +22,7 @@ import asyncpg
 import uvicorn
 
 from core.schema.migrations import migrate
+from gateway.admin import serve_metrics
 from gateway.auth import Authenticator
 from gateway.logs import configure_logging
 from gateway.runtime import make_bus, make_relay
@@ -60,6 +61,8 @@ async def _migrate(settings: Settings) -> None:
 
 
 async def _relay(settings: Settings) -> None:
+    if settings.metrics_port is not None:
+        serve_metrics(settings.metrics_port, settings.host)
     bus = make_bus(settings)
     relay = make_relay(settings, bus)
     stop = asyncio.Event()

@@ -1,24 +1,35 @@
 """Everything a gateway process runs, built from settings and passed explicitly (no globals).
 
 `Runtime.start(settings)` opens the Postgres pool and the bus, starts the dispatcher, the
-shutdown drain (`gateway.shutdown`) and, in one-process mode or with `with_relay`, an outbox
-relay as tasks; `close()` stops them in reverse order: tasks, bus, pool (arq's `close()`).
+keep-alive pass, the replica status report, the shutdown drain (`gateway.shutdown`) and, in
+one-process mode or with `with_relay`, an outbox relay as tasks; `close()` stops them in
+reverse order: tasks, bus, pool (arq's `close()`).
 """
 
 import asyncio
 import contextlib
+import inspect
 import logging
+import os
 import random
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
+import orjson
 
+from core.channels import workspace_channel
+from core.cursors import format_cursor
 from core.frames import encode_retry
 from core.types import Frame
 from gateway.auth import Authenticator
 from gateway.limits import ConnectionLimiter
 from gateway.settings import Settings
 from gateway.shutdown import Drain
+from sync import metrics
 from sync.access_cache import AccessCache
 from sync.bus import Bus
 from sync.bus_memory import InProcessBus
@@ -78,6 +89,8 @@ class Runtime:
     limiter: ConnectionLimiter
     drain: Drain
     relay: OutboxRelay | None = None
+    replica: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    started_at: float = field(default_factory=time.time)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -106,11 +119,17 @@ class Runtime:
         drain = Drain(dispatcher, settings.drain_s)
         runtime = cls(settings, pool, bus, dispatcher, auth, limiter, drain)
         await dispatcher.start()
-        runtime.tasks.append(asyncio.create_task(dispatcher.run(runtime.stop), name="dispatcher"))
-        runtime.tasks.append(asyncio.create_task(runtime.drain.run(runtime.stop), name="drain"))
+        drain.install_signal_handlers()
+        metrics.SEND_BUFFER_BYTES.set_function(
+            lambda: sum(s.buffered_bytes for s in dispatcher.manager.all())
+        )
+        runtime.spawn(dispatcher.run(runtime.stop), "dispatcher")
+        runtime.spawn(drain.run(runtime.stop), "drain")
+        runtime.spawn(runtime.every(settings.keepalive_s, dispatcher.ping_idle), "keep-alive")
+        runtime.spawn(runtime.every(settings.status_interval_s, runtime.report), "status")
         if settings.with_relay or not settings.redis_url:
             runtime.relay = make_relay(settings, bus)
-            runtime.tasks.append(asyncio.create_task(runtime.relay.run(runtime.stop), name="relay"))
+            runtime.spawn(runtime.relay.run(runtime.stop), "relay")
         logger.info(
             "gateway started at position %d (bus: %s, relay: %s)",
             dispatcher.position,
@@ -118,6 +137,48 @@ class Runtime:
             "in process" if runtime.relay else "separate",
         )
         return runtime
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` as a task until `close()`."""
+        self.tasks.append(asyncio.create_task(work, name=name))
+
+    async def every(self, interval_s: float, step: Callable[[], Awaitable[None] | None]) -> None:
+        """Call `step` every `interval_s` seconds until `stop`; a failing step is logged and
+        the next one runs on time."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), interval_s)
+                return
+            try:
+                result = step()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                logger.warning("%s failed: %r", getattr(step, "__name__", step), exc)
+
+    def status(self) -> dict[str, Any]:
+        """This replica's view: `{"replica", "started_at" (epoch s), "position" (cursor),
+        "connections", "users", "workspaces": {workspace_id: connections}}`."""
+        manager = self.dispatcher.manager
+        prefix = workspace_channel("")
+        return {
+            "replica": self.replica,
+            "started_at": round(self.started_at, 3),
+            "position": format_cursor(self.dispatcher.position),
+            "connections": len(self.drain),
+            "users": self.dispatcher.cache.user_count,
+            "draining": self.drain.draining,
+            "workspaces": {
+                channel.removeprefix(prefix): count
+                for channel, count in manager.channel_counts().items()
+                if channel.startswith(prefix)
+            },
+        }
+
+    async def report(self) -> None:
+        """Publish `status()` to the bus for `/admin/status`, kept for 3 report intervals."""
+        body = orjson.dumps({**self.status(), "reported_at": round(time.time(), 3)})
+        await self.bus.put_status(self.replica, body, 3 * self.settings.status_interval_s)
 
     async def close(self) -> None:
         """Stop the tasks (5 s grace, then cancel), close the bus, then the pool."""

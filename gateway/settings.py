@@ -82,10 +82,30 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Origins allowed to call cross-origin, with credentials (comma-separated).",
     )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve `/metrics` on this separate port (unset: on the main port only).",
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for `GET /admin/status` (unset: the endpoint is off)."
+    )
+    status_interval_s: float = Field(
+        5.0, gt=0, description="How often each replica reports its status to the bus, seconds."
+    )
     with_relay: bool = Field(False, description="Run the outbox relay in the gateway process.")
     demo: bool = Field(False, description="Serve the /demo page and its token helper.")
 
-    @field_validator("database_url", "redis_url", "jwt_secret", "jwt_public_key", mode="before")
+    @field_validator(
+        "database_url",
+        "redis_url",
+        "jwt_secret",
+        "jwt_public_key",
+        "admin_token",
+        "metrics_port",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

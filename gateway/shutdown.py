@@ -4,18 +4,17 @@ On SIGTERM the process stops in uvicorn's order (STYLE.md §7), without a gap fo
 
 1. uvicorn's signal handler sets `Server.should_exit`; within one tick (0.1 s) uvicorn closes
    its listening sockets (no new connections) and closes idle keep-alive connections.
-2. sse-starlette's shutdown watcher, which polls every `WATCH_INTERVAL_S` (it finds uvicorn's
-   `Server` through the SIGTERM handler, or through the `handle_exit` it patches at import),
-   sets the `shutdown_event` of every open response. Every `/me/stream` response shares
-   `Drain.shutdown_event`, so the first one wakes `Drain.run`.
+2. `Drain.install_signal_handlers`, called from the lifespan startup (uvicorn installs its own
+   handlers just before it), chained a handler in front of uvicorn's: the same signal wakes
+   `Drain.run` at once, no polling.
 3. `Drain.begin` closes each stream of this process with `Dispatcher.disconnect(subscriber,
    "shutdown")`: a jittered `retry:` and `event: close` `{"reason": "shutdown"}` (PROTOCOL.md
    §3). The closes are spread over `[0, drain_s)`: the streams, in random order, get one
    random instant in each of `n` equal slices of the window, so their reconnects reach the
    other replicas at an even rate instead of all at once (FIELD-NOTES §2 "Reconnect storms").
    Until its turn a stream stays live: the dispatcher runs until the lifespan shutdown.
-4. A response ends once its close frame is written. sse-starlette cancels one still open
-   `stream_grace_s` after shutdown was detected (a client that stopped reading).
+4. A response ends once its close frame is written, or `send_timeout_s` after its socket
+   stopped accepting (a client that stopped reading).
 5. With every connection closed, uvicorn runs the lifespan shutdown (`Runtime.close`: tasks,
    bus, pool), then re-raises the SIGTERM it caught; `userstream serve` exits with status 0.
    Its `timeout_graceful_shutdown` is `server_shutdown_timeout_s`, longer than all of the above.
@@ -23,8 +22,8 @@ On SIGTERM the process stops in uvicorn's order (STYLE.md §7), without a gap fo
 Streams are not closed from the lifespan shutdown: uvicorn runs it only after every connection
 has closed (`Server.shutdown`), so a stream waiting for it would hold the process until the
 graceful timeout (FIELD-NOTES §1, §2; uvicorn PR #2829, which sent `http.disconnect` to
-streams on shutdown, was reverted in #2913). The sse-starlette watcher is the only notice of
-shutdown an app gets before that; `create_app` still builds everything explicitly.
+streams on shutdown, was reverted in #2913). The chained signal handler is the notice of
+shutdown an app gets before that.
 
 Requests during the drain: new connections are refused by the closed listening socket, a
 network error after which an EventSource reconnects (WHATWG HTML §9.2.3, "reestablish the
@@ -32,18 +31,17 @@ connection") and a load balancer tries another replica. A request accepted befor
 reaching `/me/stream` after the drain began is answered `200 text/event-stream` with only the
 `retry:` and `close` frames (`Drain.farewell`), and ends: an EventSource reconnects after a
 200 that ends, whereas a 503 would "fail the connection" for good (WHATWG HTML §9.2.3).
-
-Departure from sse-starlette's default (`shutdown_grace_period=0`: every stream is cancelled
-at once, without a `close` frame): the cooperative shutdown of sse-starlette 3.3 (#167).
-Its cost: during the drain its grace loop wakes each open response every 0.1 s.
+`/readyz` answers 503 from the start of the drain, so load balancers stop sending requests.
 """
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
-
-import anyio
+import signal
+from collections.abc import Callable
+from types import FrameType
 
 from core.frames import encode_close
 from core.types import Frame
@@ -53,39 +51,34 @@ from sync.subscribers import Subscriber
 
 logger = logging.getLogger(__name__)
 
+_Handler = Callable[[int, FrameType | None], object]
+
 SHUTDOWN = "shutdown"
 """The `close` reason sent to streams of a stopping gateway (PROTOCOL.md §3)."""
 
-WATCH_INTERVAL_S = 0.5
-"""How often sse-starlette's watcher looks for a shutdown, seconds (`_shutdown_watcher`)."""
-
 SHUTDOWN_MARGIN_S = 2
-"""Seconds uvicorn's graceful timeout leaves beyond the last stream's grace, for scheduling."""
+"""Seconds uvicorn's graceful timeout leaves beyond the last stream's close, for scheduling."""
 
-
-def stream_grace_s(settings: Settings) -> float:
-    """Seconds a stream may stay open once shutdown is detected before sse-starlette cancels
-    it (`shutdown_grace_period`): the drain window, then `send_timeout_s` for its close frame
-    to be accepted by the socket."""
-    return settings.drain_s + settings.send_timeout_s
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""The signals that start the drain (the ones uvicorn handles)."""
 
 
 def server_shutdown_timeout_s(settings: Settings) -> int:
-    """uvicorn's `timeout_graceful_shutdown`, whole seconds: detection, then the longest a
-    stream may drain (`stream_grace_s`), then `SHUTDOWN_MARGIN_S`. sse-starlette: the grace
-    "should be less than your ASGI server's graceful shutdown timeout". Keep an orchestrator's
-    kill deadline (Kubernetes `terminationGracePeriodSeconds`, default 30 s) above it."""
-    return math.ceil(WATCH_INTERVAL_S + stream_grace_s(settings)) + SHUTDOWN_MARGIN_S
+    """uvicorn's `timeout_graceful_shutdown`, whole seconds: the drain window, then
+    `send_timeout_s` for the last close frame to be accepted by its socket, then
+    `SHUTDOWN_MARGIN_S`. Keep an orchestrator's kill deadline (Kubernetes
+    `terminationGracePeriodSeconds`, default 30 s) above it."""
+    return math.ceil(settings.drain_s + settings.send_timeout_s) + SHUTDOWN_MARGIN_S
 
 
 class Drain:
     """The open streams of one gateway process, and their closing on shutdown.
 
     `track` each stream's subscriber when it is created and `untrack` it when its response
-    ends. `shutdown_event` is the `anyio.Event` to hand every response as sse-starlette's
-    `shutdown_event`; `run(stop)` waits for it and then calls `begin`. `drain_s` (seconds,
-    >= 0; ValueError otherwise) is the window the closes are spread over; `rng` makes the
-    spread reproducible. Create it inside the event loop (anyio needs the running backend).
+    ends. `run(stop)` waits for `shutdown_event` (set by the signal handlers
+    `install_signal_handlers` chains) and then calls `begin`. `drain_s` (seconds, >= 0;
+    ValueError otherwise) is the window the closes are spread over; `rng` makes the spread
+    reproducible.
     """
 
     def __init__(
@@ -95,7 +88,7 @@ class Drain:
             raise ValueError(f"drain_s must be >= 0 s, got {drain_s}")
         self.dispatcher = dispatcher
         self.drain_s = drain_s
-        self.shutdown_event = anyio.Event()
+        self.shutdown_event = asyncio.Event()
         self.draining = False
         self._streams: set[Subscriber] = set()
         self._rng = rng or random.Random()
@@ -114,6 +107,26 @@ class Drain:
         self._streams.discard(subscriber)
         if self.draining and not self._streams:
             logger.info("drain complete: every stream is closed")
+
+    def install_signal_handlers(self) -> None:
+        """In front of the current SIGTERM and SIGINT handlers (uvicorn's `handle_exit` while
+        it serves), put one that sets `shutdown_event` and then calls the previous handler.
+        Call it from the event loop's thread; does nothing outside the main thread (signal
+        handlers can only be set there) or for a signal with no Python handler to chain."""
+        loop = asyncio.get_running_loop()
+        for sig in SIGNALS:
+            previous = signal.getsignal(sig)
+            if not callable(previous):
+                continue
+
+            def handler(
+                signum: int, frame: FrameType | None, previous: _Handler = previous
+            ) -> None:
+                loop.call_soon_threadsafe(self.shutdown_event.set)
+                previous(signum, frame)
+
+            with contextlib.suppress(ValueError):  # not the main thread
+                signal.signal(sig, handler)
 
     def farewell(self) -> Frame:
         """The whole body of a stream refused during the drain: a jittered `retry:` frame and

@@ -84,6 +84,15 @@ class Bus(Protocol):
         """True when the transport answers (readiness)."""
         ...
 
+    async def put_status(self, replica: str, report: bytes, ttl_s: float) -> None:
+        """Publish one gateway replica's status report (JSON bytes), kept `ttl_s` seconds
+        unless replaced. Raises like `publish` when the transport is down."""
+        ...
+
+    async def statuses(self) -> dict[str, bytes]:
+        """The unexpired report of every replica, by replica id (`/admin/status`)."""
+        ...
+
     async def close(self) -> None:
         """Release connections; iterators from `read` end."""
         ...

@@ -13,6 +13,7 @@ batch, whose `prev` then shows what it missed (sync/bus.py).
 
 import asyncio
 import bisect
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -37,6 +38,7 @@ class InProcessBus:
         self._last = 0
         self._published = asyncio.Event()
         self._closed = False
+        self._statuses: dict[str, tuple[bytes, float]] = {}
 
     async def publish(self, batch: Batch) -> bool:
         """Append `batch` and wake every reader; False (nothing appended) when its last
@@ -73,6 +75,15 @@ class InProcessBus:
     async def ping(self) -> bool:
         """True until close()."""
         return not self._closed
+
+    async def put_status(self, replica: str, report: bytes, ttl_s: float) -> None:
+        """Keep `report` for `ttl_s` seconds (monotonic clock)."""
+        self._statuses[replica] = (report, time.monotonic() + ttl_s)
+
+    async def statuses(self) -> dict[str, bytes]:
+        """The reports not yet expired."""
+        now = time.monotonic()
+        return {k: report for k, (report, until) in self._statuses.items() if until > now}
 
     async def close(self) -> None:
         """End every reader (each returns at its next step); publish then raises. Idempotent."""

@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 EVENTS_KEY_SUFFIX = "events"
 """The stream's key is the configured prefix followed by this."""
 
+REPLICAS_KEY_SUFFIX = "replicas:"
+"""Replica status reports live at `{prefix}replicas:{replica}`, each with its own expiry."""
+
 PAYLOAD_FIELD = b"b"
 """The one field of each stream entry; its value is `Batch.encode()`."""
 
@@ -80,6 +83,7 @@ class RedisBus:
         if block_ms < 1:
             raise ValueError(f"block_ms must be >= 1, got {block_ms}")
         self.key = f"{prefix}{EVENTS_KEY_SUFFIX}"
+        self._replicas = f"{prefix}{REPLICAS_KEY_SUFFIX}"
         self.max_batches = max_batches
         self.block_ms = block_ms
         self._url = url
@@ -147,6 +151,29 @@ class RedisBus:
                 return bool(await self._client.ping())
         except (RedisError, OSError):  # asyncio's TimeoutError is an OSError
             return False
+
+    async def put_status(self, replica: str, report: bytes, ttl_s: float) -> None:
+        """`SET {prefix}replicas:{replica} report PX ttl`. Raises ConnectionError when Redis is
+        unreachable or after close()."""
+        self._check_open()
+        try:
+            await self._client.set(f"{self._replicas}{replica}", report, px=int(ttl_s * 1000))
+        except _TRANSPORT_ERRORS as exc:
+            raise ConnectionError(f"reporting replica status: {_describe(exc)}") from exc
+
+    async def statuses(self) -> dict[str, bytes]:
+        """Every unexpired report (SCAN over `{prefix}replicas:*`, then MGET). Raises
+        ConnectionError when Redis is unreachable or after close()."""
+        self._check_open()
+        try:
+            keys = [k async for k in self._client.scan_iter(match=f"{self._replicas}*")]
+            values = await self._client.mget(keys) if keys else []
+        except _TRANSPORT_ERRORS as exc:
+            raise ConnectionError(f"reading replica statuses: {_describe(exc)}") from exc
+        start = len(self._replicas)
+        return {
+            _text(k)[start:]: _bytes(v) for k, v in zip(keys, values, strict=True) if v is not None
+        }
 
     async def close(self) -> None:
         """Close the publishing connection and end every reader promptly. Idempotent."""
@@ -290,3 +317,11 @@ def _position(entry_id: bytes | str) -> int:
     """The position in a stream entry ID `b"<position>-0"`."""
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return int(text.split("-", 1)[0])
+
+
+def _text(key: bytes | str) -> str:
+    return key.decode() if isinstance(key, bytes) else key
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value

@@ -36,14 +36,20 @@ from core.cursors import format_cursor
 from core.events import Event, MalformedEvent
 from core.frames import encode_change, encode_must_refetch, encode_offset
 from core.types import Connection, Frame
-from sync.access_cache import Snapshot
-from sync.dispatcher import Dispatcher
+from sync import metrics
+from sync.access_cache import AccessCache, Snapshot
+from sync.dispatcher import RESYNC, Dispatcher
+from sync.faults import SERVICE_FAULTS
 from sync.retention import pruned_through
 from sync.subscribers import Subscriber
 
 logger = logging.getLogger(__name__)
 
 INSTALL_ATTEMPTS = 3
+
+UNAVAILABLE = "unavailable"
+"""The `close` reason of a stream that could not be opened because Postgres failed during its
+access load or catch-up: the client reconnects after the `retry:` delay and resumes by cursor."""
 
 DISPATCH_WAIT_S = 1.0
 """How long a connect waits for the dispatcher to reach its snapshot's position, in seconds.
@@ -61,6 +67,9 @@ _HISTORY_PAGE = (
 
 class AccessLoadFailed(RuntimeError):
     """The access state could not be installed consistently after `INSTALL_ATTEMPTS` loads."""
+
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (*SERVICE_FAULTS, AccessLoadFailed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,48 +96,74 @@ async def open_stream(
     catch-up, `offset`, then live frames from `subscriber` until it is closed.
 
     `on_open(position)` is called once the subscriber is live. The subscriber is unregistered
-    and its user's access released when the iterator ends, however it ends.
-    Raises AccessLoadFailed when the access state cannot be installed.
+    and its user's access released when the iterator ends, however it ends. When Postgres
+    fails (`sync.faults.SERVICE_FAULTS`) or the access state cannot be installed
+    (AccessLoadFailed) before the stream is live, the frames end with a `retry:` and
+    `event: close` `{"reason": "unavailable"}` instead of raising.
     """
     cache = dispatcher.cache
     installed = False
+    after = replayed = 0
     try:
         yield first
-        snapshot = await _install(dispatcher, request.user_id)
-        installed = True
-        after, head = _start_position(dispatcher, request, snapshot)
-        if head:
-            yield head
-        while after < dispatcher.window.floor:
-            chunk, after = await _page(dispatcher, request, after, page_size)
-            if chunk:
-                yield chunk
+        try:
+            snapshot = await _install(dispatcher, request.user_id)
+            installed = True
+            after, head = _start_position(dispatcher, request, snapshot)
+            if head:
+                yield head
+            while after < dispatcher.window.floor:
+                chunk, after, count = await _page(dispatcher, request, after, page_size)
+                replayed += count
+                if chunk:
+                    yield chunk
+        except _UNAVAILABLE as exc:
+            logger.warning(
+                "stream not opened: %r", exc, extra={"conn": subscriber.id, "user": request.user_id}
+            )
+            subscriber.close(UNAVAILABLE, farewell=dispatcher.retry_frame())
         # From here to the registration nothing may await: the dispatcher must not move.
-        replay = [
-            encode_change(e)
-            for e in dispatcher.window.after(after)
-            if can_receive(cache.state, request.user_id, e, admin=request.admin)
-        ]
-        live_from = max(after, dispatcher.position)
-        if subscriber.closed:  # closed during catch-up (token expired): send what it queued
-            async for chunk in subscriber.frames():
-                yield chunk
-            return
-        subscriber.after = live_from
-        channels = [user_channel(request.user_id)]
-        channels += [workspace_channel(ws) for ws in cache.channels_of(request.user_id)]
-        dispatcher.manager.register(subscriber, channels)
-        offset = encode_offset(format_cursor(live_from if request.after is not None else after))
-        frames = [*replay, offset] if request.after is not None else [offset, *replay]
-        if on_open is not None:
-            on_open(live_from)
-        yield b"".join(frames)
+        opening = _go_live(dispatcher, cache, request, subscriber, after, replayed)
+        if opening:
+            if on_open is not None:
+                on_open(subscriber.after)
+            yield opening
         async for chunk in subscriber.frames():
             yield chunk
     finally:
         dispatcher.manager.unregister(subscriber.id)
         if installed:
             cache.release(request.user_id)
+
+
+def _go_live(
+    dispatcher: Dispatcher,
+    cache: AccessCache,
+    request: StreamRequest,
+    subscriber: Subscriber,
+    after: int,
+    replayed: int,
+) -> Frame:
+    """Register the subscriber live after `after` and return the window's replay and the
+    `offset` frame, in stream order; b"" (nothing registered) when the subscriber was closed
+    meanwhile (token expired, Postgres failed) or the dispatcher resynced. Never awaits."""
+    if dispatcher.cache is not cache:  # the dispatcher resynced during catch-up
+        subscriber.close(RESYNC, farewell=dispatcher.retry_frame())
+    if subscriber.closed:
+        return b""
+    replay = [
+        encode_change(e)
+        for e in dispatcher.window.after(after)
+        if can_receive(cache.state, request.user_id, e, admin=request.admin)
+    ]
+    subscriber.after = max(after, dispatcher.position)
+    channels = [user_channel(request.user_id)]
+    channels += [workspace_channel(ws) for ws in cache.channels_of(request.user_id)]
+    dispatcher.manager.register(subscriber, channels)
+    if request.after is None:
+        return b"".join([encode_offset(format_cursor(after)), *replay])
+    metrics.CATCHUP_EVENTS.observe(replayed + len(replay))
+    return b"".join([*replay, encode_offset(format_cursor(subscriber.after))])
 
 
 async def _install(dispatcher: Dispatcher, user_id: str) -> Snapshot:
@@ -161,8 +196,9 @@ def _start_position(
 
 async def _page(
     dispatcher: Dispatcher, request: StreamRequest, after: int, page_size: int
-) -> tuple[Frame, int]:
-    """The frames of the next page of history after `after`, and where the next page starts.
+) -> tuple[Frame, int, int]:
+    """The frames of the next page of history after `after`, where the next page starts, and
+    how many events the frames carry.
 
     When retention has pruned events after `after`, the frame is `must-refetch` and the
     position jumps to the dispatcher's: live from now (PROTOCOL.md §3).
@@ -178,16 +214,16 @@ async def _page(
             f" (events up to {format_cursor(pruned)} were pruned)"
         )
         logger.info("stream of user %s: %s", request.user_id, reason)
-        return encode_must_refetch(reason), max(dispatcher.position, pruned)
+        return encode_must_refetch(reason), max(dispatcher.position, pruned), 0
     state = dispatcher.cache.state
-    chunk = b"".join(
+    frames = [
         encode_change(e)
         for e in events
         if can_receive(state, request.user_id, e, admin=request.admin)
-    )
+    ]
     if last == after:  # nothing more in Postgres: the window must already cover it
-        return chunk, max(after, dispatcher.window.floor)
-    return chunk, last
+        return b"".join(frames), max(after, dispatcher.window.floor), len(frames)
+    return b"".join(frames), last, len(frames)
 
 
 async def _read_history(conn: Connection, after: int, limit: int) -> tuple[list[Event], int]:

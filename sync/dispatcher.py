@@ -26,12 +26,19 @@ from core.access import can_receive
 from core.channels import channel_for, workspace_channel
 from core.cursors import current_position
 from core.events import Event
-from core.frames import encode_change
+from core.frames import PING, encode_change
 from core.types import Frame
+from sync import metrics
 from sync.access_cache import AccessCache
 from sync.bus import Batch, Bus
 from sync.outbox import read_page
+from sync.retention import pruned_through
 from sync.subscribers import StreamSubscriberManager, Subscriber
+
+RESYNC = "resync"
+"""The `close` reason sent when events this gateway should have delivered are gone from both
+the bus and the outbox (pruned by retention): each client resumes by cursor and, its cursor
+being older than the retained history, is told to `must-refetch` (PROTOCOL.md §3)."""
 
 logger = logging.getLogger(__name__)
 
@@ -135,20 +142,47 @@ class Dispatcher:
 
     async def handle(self, batch: Batch) -> None:
         """Take one batch: fill a gap before it from Postgres, then dispatch what is new."""
+        metrics.BUS_EVENTS.inc(len(batch.events))
         if batch.prev > self.position:
             await self.fill(batch.prev)
         await self.process([e for e in batch.events if e.seq > self.position])
 
     async def fill(self, upto: int) -> None:
-        """Read and dispatch outbox events after `position` up to at least `upto`."""
+        """Read and dispatch outbox events after `position` up to at least `upto`.
+
+        If retention has pruned some of them (`sync.retention.pruned_through`, read after each
+        page), they are lost to every connected stream: `resync`.
+        """
         logger.info("filling events %d..%d from Postgres", self.position + 1, upto)
+        metrics.GAP_FILLS.inc()
         while self.position < upto:
             async with self.pool.acquire() as conn:
                 page = await read_page(conn, self.position, self.page_size)
+                pruned = await pruned_through(conn)
+            if pruned > self.position:
+                self.resync(pruned)
+                continue
             if page.last == self.position:
                 return
             await self.process(page.events)
             self.position = max(self.position, page.last)
+
+    def resync(self, position: int) -> None:
+        """Events after `position`'s predecessor up to `position` are lost: close every stream
+        with `RESYNC` and start afresh at `position`, with an empty window and a new access
+        cache (access changes among the lost events are unknown; streams opened from here
+        load their access again)."""
+        logger.error(
+            "events %d..%d were pruned before this gateway dispatched them: closing %d streams",
+            self.position + 1,
+            position,
+            len(self.manager),
+        )
+        for subscriber in list(self.manager.all()):
+            self.disconnect(subscriber, RESYNC)
+        self.cache = AccessCache()
+        self.position = position
+        self.window.reset(position)
 
     async def process(self, events: Sequence[Event]) -> None:
         """Load the workspaces a membership change needs (rare, awaited), then `dispatch`."""
@@ -202,26 +236,44 @@ class Dispatcher:
         state = self.cache.state
         frame: Frame | None = None
         slow: list[Subscriber] = []
+        delivered = denied = 0
         for subscriber in subscribers:
             if event.seq <= subscriber.after:
                 continue
             if not can_receive(state, subscriber.user_id, event, admin=subscriber.admin):
+                denied += 1
                 continue
             if frame is None:
                 frame = encode_change(event)
-            if subscriber.offer(frame):
-                self.delivered += 1
+            if subscriber.offer(frame, event.committed_at):
+                delivered += 1
             else:
                 slow.append(subscriber)
+        self.delivered += delivered
+        metrics.DELIVERIES.inc(delivered)
+        if denied:
+            metrics.DENIED.inc(denied)
         for subscriber in slow:
-            self.slow_consumers += 1
-            logger.info(
-                "slow consumer %s (user %s) cut off at %d buffered bytes",
-                subscriber.id,
-                subscriber.user_id,
-                subscriber.max_buffer_bytes,
-            )
-            self.disconnect(subscriber, "slow_consumer")
+            self.cut_off(subscriber)
+
+    def ping_idle(self) -> None:
+        """Queue the keep-alive comment (`: ping`, PROTOCOL.md §3) to every live stream that
+        was sent nothing since the last call; call it every keep-alive interval. One pass over
+        the subscribers replaces a timer per connection."""
+        slow = [s for s in self.manager.all() if not s.ping(PING)]
+        for subscriber in slow:
+            self.cut_off(subscriber)
+
+    def cut_off(self, subscriber: Subscriber) -> None:
+        """Close a subscriber whose send buffer is full as a slow consumer (PROTOCOL.md §4)."""
+        self.slow_consumers += 1
+        metrics.SLOW_CONSUMERS.inc()
+        logger.info(
+            "slow consumer cut off at %d buffered bytes",
+            subscriber.max_buffer_bytes,
+            extra={"conn": subscriber.id, "user": subscriber.user_id},
+        )
+        self.disconnect(subscriber, "slow_consumer")
 
     def disconnect(self, subscriber: Subscriber, reason: str) -> None:
         """End a subscriber's stream on purpose: stop routing to it, then queue a jittered

@@ -38,6 +38,7 @@ skips the wait.
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,8 +47,9 @@ from redis.backoff import EqualJitterBackoff
 
 from core.schema.migrations import NOTIFY_CHANNEL
 from core.types import Connection
-from sync import leader
+from sync import leader, metrics
 from sync.bus import Batch, Bus
+from sync.faults import SERVICE_FAULTS
 from sync.outbox import Page, read_page, record_dead_letters
 from sync.retention import Pruner
 
@@ -59,6 +61,9 @@ BACKOFF_BASE_S = 0.1
 BACKOFF_CAP_S = 5.0
 """Largest backoff between restarts: 2.5 to 5 s."""
 
+LAG_INTERVAL_S = 1.0
+"""While behind, how often the relay measures its lag (`relay_lag`, a count query), seconds."""
+
 APPLICATION_NAME_PREFIX = "userstream-relay-"
 """`application_name` of relay connections is this prefix plus the OS pid (`pg_stat_activity`)."""
 
@@ -69,10 +74,6 @@ _SERVER_SETTINGS = {
     "tcp_keepalives_interval": "5",
     "tcp_keepalives_count": "3",
 }
-
-_FAULTS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
-"""Expected failures (Postgres or the bus unreachable, timeouts: TimeoutError and
-ConnectionError are OSErrors), logged without a traceback; anything else gets one."""
 
 _ENSURE_ROW = "INSERT INTO outbox_relay (name) VALUES ($1) ON CONFLICT (name) DO NOTHING"
 _LOAD_POSITION = "SELECT position FROM outbox_relay WHERE name = $1"
@@ -143,6 +144,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._standby = False
         self._failures = 0
+        self._lag_measured = 0.0
         self._backoff = EqualJitterBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -228,12 +230,33 @@ class OutboxRelay:
             accepted = await self.bus.publish(Batch(self.position, tuple(page.events)))
             if not accepted:
                 logger.debug("relay: batch up to %d was already on the bus", page.last)
+            metrics.RELAY_BATCHES.inc()
+            metrics.RELAY_EVENTS.inc(len(page.events))
         if page.last > self.position:
             async with asyncio.timeout(self.query_timeout_s):
                 await conn.execute(_SAVE_POSITION, self.name, page.last)
             self.position = page.last
             self.dead_letters += len(page.malformed)
-        return len(page.events) + len(page.malformed)
+            metrics.DEAD_LETTERS.inc(len(page.malformed))
+        rows = len(page.events) + len(page.malformed)
+        await self._measure_lag(conn, caught_up=rows < self.batch_size)
+        return rows
+
+    async def _measure_lag(self, conn: Connection, *, caught_up: bool) -> None:
+        """Set the relay-lag gauges: zero when a short page shows it caught up, else (at most
+        once per `LAG_INTERVAL_S`) from `relay_lag`."""
+        now = time.monotonic()
+        if caught_up:
+            metrics.RELAY_LAG_ROWS.set(0)
+            metrics.RELAY_LAG_SECONDS.set(0)
+        elif now - self._lag_measured >= LAG_INTERVAL_S:
+            async with asyncio.timeout(self.query_timeout_s):
+                rows, seconds = await relay_lag(conn, self.name)
+            metrics.RELAY_LAG_ROWS.set(rows)
+            metrics.RELAY_LAG_SECONDS.set(seconds)
+        else:
+            return
+        self._lag_measured = now
 
     async def prune_once(self) -> bool:
         """Run one pruning step if this relay leads and its pruner is due; True when the
@@ -249,7 +272,7 @@ class OutboxRelay:
         try:
             async with asyncio.timeout(self.query_timeout_s):
                 return await pruner.step(conn, self.position)
-        except _FAULTS as exc:
+        except SERVICE_FAULTS as exc:
             logger.warning("outbox pruning failed, retrying in %.0f s: %r", pruner.interval_s, exc)
             return False
 
@@ -293,7 +316,7 @@ class OutboxRelay:
         Returns the backoff before the loop restarts, in seconds."""
         self._failures += 1
         delay = self._backoff.compute(self._failures)
-        traceback = not isinstance(exc, _FAULTS)
+        traceback = not isinstance(exc, SERVICE_FAULTS)
         if self.is_leader and await self._answers():
             logger.warning(
                 "relay step failed at position %d, retrying in %.2f s: %r",

@@ -33,13 +33,16 @@ class Subscriber:
         "_bytes",
         "_closed",
         "_inflight",
+        "_oldest_commit",
         "_queue",
         "_wakeup",
         "admin",
         "after",
+        "chunk_committed_at",
         "close_reason",
         "id",
         "max_buffer_bytes",
+        "sent_since_ping",
         "user_id",
     )
 
@@ -59,6 +62,9 @@ class Subscriber:
         self._inflight = 0
         self._closed = False
         self._wakeup = asyncio.Event()
+        self._oldest_commit = 0.0
+        self.chunk_committed_at = 0.0
+        self.sent_since_ping = False
 
     @property
     def buffered_bytes(self) -> int:
@@ -70,9 +76,11 @@ class Subscriber:
         """True once `close` was called."""
         return self._closed
 
-    def offer(self, frame: Frame) -> bool:
+    def offer(self, frame: Frame, committed_at: float = 0.0) -> bool:
         """Queue one or more complete SSE frames (ending in a blank line) without waiting.
 
+        `committed_at` (epoch seconds, 0 for none) is the commit time of the event the frame
+        carries; the oldest one queued becomes `chunk_committed_at` of the chunk that writes it.
         Returns False and queues nothing when the buffered bytes would exceed
         `max_buffer_bytes`; the caller then closes with reason "slow_consumer"
         (PROTOCOL.md §4 Isolation). Raises SubscriberClosed after `close`.
@@ -81,9 +89,30 @@ class Subscriber:
             raise SubscriberClosed(f"subscriber {self.id} is closed ({self.close_reason})")
         if self._bytes + self._inflight + len(frame) > self.max_buffer_bytes:
             return False
+        if not self._queue:
+            self._oldest_commit = committed_at
+            self._wakeup.set()
         self._queue.append(frame)
         self._bytes += len(frame)
-        self._wakeup.set()
+        self.sent_since_ping = True
+        return True
+
+    def ping(self, frame: Frame) -> bool:
+        """Queue a keep-alive comment unless something was offered since the last `ping`
+        (then the connection is not idle); False when the buffer is full (a slow consumer).
+        Clears the mark either way. Does nothing after `close`."""
+        if self._closed:
+            return True
+        if self.sent_since_ping:
+            self.sent_since_ping = False
+            return True
+        if self._bytes + self._inflight + len(frame) > self.max_buffer_bytes:
+            return False
+        if not self._queue:
+            self._oldest_commit = 0.0
+            self._wakeup.set()
+        self._queue.append(frame)
+        self._bytes += len(frame)
         return True
 
     def close(self, reason: str, *, farewell: Frame = b"") -> None:
@@ -99,13 +128,15 @@ class Subscriber:
         self.close_reason = reason
         self._queue = [farewell + encode_close(reason)]
         self._bytes = len(self._queue[0])
+        self._oldest_commit = 0.0
         self._wakeup.set()
 
     async def frames(self) -> AsyncIterator[Frame]:
         """Everything queued, joined into one chunk per wake-up; ends after `close`.
 
         While a chunk is being written (between this generator's yield and its resumption)
-        its size counts towards `buffered_bytes`.
+        its size counts towards `buffered_bytes`, and `chunk_committed_at` is the commit time
+        of its oldest event (0 when it carries none).
         """
         while True:
             await self._wakeup.wait()
@@ -116,6 +147,7 @@ class Subscriber:
             self._queue = []
             self._bytes = 0
             self._inflight = len(chunk)
+            self.chunk_committed_at = self._oldest_commit
             yield chunk
             self._inflight = 0
             if self._closed and not self._queue:
@@ -171,6 +203,10 @@ class StreamSubscriberManager:
             if channel in joined:
                 joined.discard(channel)
                 _discard(self._by_channel, channel, subscriber_id)
+
+    def all(self) -> Collection[Subscriber]:
+        """Every registered subscriber (a live view: copy it before changing the index)."""
+        return self._by_id.values()
 
     def get(self, subscriber_id: str) -> Subscriber | None:
         """The subscriber with this id, if registered."""

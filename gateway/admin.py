@@ -1,0 +1,105 @@
+"""Operator endpoints: `GET /metrics` (Prometheus) and `GET /admin/status` (behind a token).
+
+`/metrics` serves the process's metrics (`sync.metrics`) in the Prometheus text format
+(prometheus-client `generate_latest`); with `USERSTREAM_METRICS_PORT` set, `serve_metrics`
+also serves them on that port, away from public traffic.
+
+`/admin/status` answers `Authorization: Bearer <USERSTREAM_ADMIN_TOKEN>` (compared in constant
+time) with every replica's view as last reported to the bus (`Runtime.report`: connections,
+users and connections per workspace), this replica's view now, the relay's position and lag
+(from Postgres) and the bus's health. Without a configured token the endpoint is off (404);
+a missing or wrong token gets 401. Both answers are RFC 9457 problems.
+"""
+
+import asyncio
+import hmac
+import logging
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from core.cursors import format_cursor
+from gateway.problems import problem
+from gateway.runtime import Runtime
+from sync.faults import SERVICE_FAULTS
+from sync.relay import relay_lag
+
+logger = logging.getLogger(__name__)
+
+CHECK_TIMEOUT_S = 2.0
+"""Seconds `/admin/status` waits for Postgres and for the bus before reporting them down."""
+
+_RELAY_POSITION = "SELECT position, updated_at FROM outbox_relay WHERE name = $1"
+
+
+async def metrics(request: Request) -> Response:
+    """The Prometheus text exposition of this process's metrics."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> bool:
+    """Serve `/metrics` on `port` from a daemon thread (prometheus-client's own HTTP server).
+    Returns False, with a log line, when the port is taken (e.g. by another worker process
+    of the same `serve --workers N`, which then share the first one's figures only)."""
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        logger.warning("metrics port %d not served by this process: %s", port, exc)
+        return False
+    logger.info("metrics on http://%s:%d/metrics", host, port)
+    return True
+
+
+async def admin_status(request: Request) -> Response:
+    """200 `{"replica", "replicas": [...], "relay": {...}, "bus": "ok"|"unavailable"}`; 404
+    when no admin token is configured; 401 without the right Bearer token."""
+    runtime: Runtime = request.app.state.runtime
+    expected = runtime.settings.admin_token
+    if expected is None:
+        return problem(404, "the admin endpoint is off: USERSTREAM_ADMIN_TOKEN is not set")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    secret = expected.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), secret):
+        return problem(401, "admin token missing or wrong", headers={"WWW-Authenticate": "Bearer"})
+    return JSONResponse(
+        {
+            "replica": runtime.replica,
+            "replicas": await _replicas(runtime),
+            "relay": await _relay(runtime),
+            "bus": "ok" if await runtime.bus.ping() else "unavailable",
+        }
+    )
+
+
+async def _replicas(runtime: Runtime) -> list[dict[str, object]]:
+    """Every replica's last report, with this replica's view as of now."""
+    reports: dict[str, dict[str, object]] = {}
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            for replica, body in (await runtime.bus.statuses()).items():
+                reports[replica] = orjson.loads(body)
+    except SERVICE_FAULTS as exc:
+        logger.warning("replica reports unavailable: %r", exc)
+    reports[runtime.replica] = runtime.status()
+    return sorted(reports.values(), key=lambda r: str(r["replica"]))
+
+
+async def _relay(runtime: Runtime) -> dict[str, object]:
+    """`{"name", "position" (cursor), "updated_at", "lag_rows", "lag_seconds"}` from Postgres,
+    or `{"name", "error"}` when it does not answer."""
+    name = runtime.settings.relay_name
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S), runtime.pool.acquire() as conn:
+            row = await conn.fetchrow(_RELAY_POSITION, name)
+            rows, seconds = await relay_lag(conn, name)
+    except SERVICE_FAULTS as exc:
+        return {"name": name, "error": f"postgres unavailable: {type(exc).__name__}"}
+    return {
+        "name": name,
+        "position": format_cursor(int(row["position"])) if row else None,
+        "updated_at": row["updated_at"].isoformat() if row else None,
+        "lag_rows": rows,
+        "lag_seconds": round(seconds, 3),
+    }

@@ -1,0 +1,70 @@
+"""Prometheus metrics of a userstream process (prometheus-client, its default registry).
+
+Names follow Prometheus conventions (prometheus.io/docs/practices/naming): a `_total` suffix
+on counters (prometheus-client appends it), base units in the name (`_seconds`, `_bytes`).
+Each process exposes its own figures; run one gateway process per pod or container and let
+Prometheus sum across replicas (with `userstream serve --workers N`, a scrape reaches one
+worker at random).
+
+Hot paths count in bulk: the dispatcher adds one event's deliveries with one `inc(n)`, and a
+stream observes commit-to-write latency once per socket write, not once per frame.
+"""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS = Gauge("userstream_connections", "Open /me/stream connections in this process.")
+CONNECTS = Counter("userstream_connects", "/me/stream connections accepted (after auth).")
+DISCONNECTS = Counter(
+    "userstream_disconnects",
+    "/me/stream connections ended, by reason: client (it went away), shutdown, slow_consumer,"
+    " send_timeout, token_expired, resync, unavailable (Postgres failed during catch-up).",
+    ["reason"],
+)
+REJECTED = Counter(
+    "userstream_rejected_connects",
+    "/me/stream requests refused before streaming, by HTTP status (400, 401, 429).",
+    ["status"],
+)
+BUS_EVENTS = Counter("userstream_bus_events", "Events received from the bus by the dispatcher.")
+DELIVERIES = Counter(
+    "userstream_deliveries", "Change frames queued to subscribers' send buffers (live fan-out)."
+)
+DENIED = Counter(
+    "userstream_events_denied",
+    "Event x subscriber pairs on an event's channel that access rules withheld (PROTOCOL.md §2).",
+)
+SEND_BUFFER_BYTES = Gauge(
+    "userstream_send_buffer_bytes",
+    "Bytes queued for subscribers and not yet accepted by their sockets, all connections.",
+)
+SLOW_CONSUMERS = Counter(
+    "userstream_slow_consumer_disconnects",
+    "Subscribers cut off because their send buffer passed USERSTREAM_MAX_BUFFER_BYTES.",
+)
+COMMIT_TO_WRITE = Histogram(
+    "userstream_commit_to_write_seconds",
+    "From an outbox row's commit to the socket write carrying its frame (oldest frame of each"
+    " write), seconds.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+CATCHUP_EVENTS = Histogram(
+    "userstream_catchup_events",
+    "Events replayed to a connection that resumed from a cursor (window and Postgres pages).",
+    buckets=(0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000),
+)
+GAP_FILLS = Counter(
+    "userstream_gap_fills", "Gaps in the bus (lost batches) filled from the Postgres outbox."
+)
+RELAY_BATCHES = Counter("userstream_relay_batches", "Batches the relay published to the bus.")
+RELAY_EVENTS = Counter("userstream_relay_events", "Events the relay published to the bus.")
+RELAY_LAG_ROWS = Gauge(
+    "userstream_relay_lag_rows", "Committed outbox rows not yet relayed (active relay only)."
+)
+RELAY_LAG_SECONDS = Gauge(
+    "userstream_relay_lag_seconds",
+    "Age of the oldest committed outbox row not yet relayed, seconds (active relay only).",
+)
+DEAD_LETTERS = Counter(
+    "userstream_dead_letters",
+    "Malformed outbox rows the relay moved past, each kept in outbox_dead_letters.",
+)
