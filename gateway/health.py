@@ -2,8 +2,7 @@
 
 Readiness checks Postgres (`SELECT 1`), the bus (`ping`) and reports the relay's lag (rows
 committed but not yet relayed, and the age of the oldest, from `sync.relay.relay_lag`) and
-this gateway's dispatch position. It answers 503 when Postgres or the bus is unreachable, and
-from the start of a shutdown drain (`"draining": true`) so load balancers send no new streams.
+this gateway's dispatch position. It answers 503 when Postgres or the bus is unreachable.
 """
 
 import asyncio
@@ -24,8 +23,7 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> JSONResponse:
-    """200 with the checks when Postgres and the bus answer within 2 s and the process is not
-    draining, else 503."""
+    """200 with the checks when Postgres and the bus answer within 2 s, else 503."""
     runtime: Runtime = request.app.state.runtime
     body: dict[str, object] = {"position": format_cursor(runtime.dispatcher.position)}
     try:
@@ -38,7 +36,6 @@ async def readyz(request: Request) -> JSONResponse:
     except (TimeoutError, OSError, Exception) as exc:  # any failure means "not ready"
         body["postgres"] = f"unavailable: {type(exc).__name__}"
     body["bus"] = "ok" if await runtime.bus.ping() else "unavailable"
-    body["draining"] = runtime.drain.draining
-    ready = body["postgres"] == "ok" and body["bus"] == "ok" and not runtime.drain.draining
+    ready = body["postgres"] == "ok" and body["bus"] == "ok"
     body["status"] = "ready" if ready else "unavailable"
     return JSONResponse(body, status_code=200 if ready else 503)

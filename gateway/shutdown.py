@@ -31,7 +31,6 @@ connection") and a load balancer tries another replica. A request accepted befor
 reaching `/me/stream` after the drain began is answered `200 text/event-stream` with only the
 `retry:` and `close` frames (`Drain.farewell`), and ends: an EventSource reconnects after a
 200 that ends, whereas a 503 would "fail the connection" for good (WHATWG HTML §9.2.3).
-`/readyz` answers 503 from the start of the drain, so load balancers stop sending requests.
 """
 
 import asyncio

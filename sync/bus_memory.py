@@ -77,7 +77,10 @@ class InProcessBus:
         return not self._closed
 
     async def put_status(self, replica: str, report: bytes, ttl_s: float) -> None:
-        """Keep `report` for `ttl_s` seconds (monotonic clock)."""
+        """Keep `report` for `ttl_s` seconds (monotonic clock). Raises ConnectionError after
+        close()."""
+        if self._closed:
+            raise ConnectionError("the in-process bus is closed")
         self._statuses[replica] = (report, time.monotonic() + ttl_s)
 
     async def statuses(self) -> dict[str, bytes]:

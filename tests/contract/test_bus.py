@@ -211,3 +211,22 @@ async def test_closed_bus_is_down_and_reads_nothing(
     await reader.ended()
     assert reader.batches == []
     await bus.close()  # idempotent
+
+
+async def test_replica_status_reports_are_kept_until_replaced_or_expired(
+    make_bus: BusFactory,
+) -> None:
+    bus = make_bus()
+    assert await bus.statuses() == {}
+
+    await bus.put_status("gw-1", b'{"connections": 1}', ttl_s=30)
+    await bus.put_status("gw-2", b'{"connections": 2}', ttl_s=0.2)
+    await bus.put_status("gw-1", b'{"connections": 3}', ttl_s=30)
+    both = await bus.statuses()
+    await asyncio.sleep(0.4)  # gw-2's report expires
+
+    assert both == {"gw-1": b'{"connections": 3}', "gw-2": b'{"connections": 2}'}
+    assert await bus.statuses() == {"gw-1": b'{"connections": 3}'}
+    await bus.close()
+    with pytest.raises(ConnectionError, match="closed"):
+        await bus.put_status("gw-1", b"{}", ttl_s=30)

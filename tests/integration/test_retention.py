@@ -17,6 +17,7 @@ from core.cursors import current_position, format_cursor
 from core.publish import publish, publish_many
 from core.types import Frame
 from sync.access_cache import AccessCache
+from sync.bus import Batch
 from sync.bus_memory import InProcessBus
 from sync.catchup import StreamRequest, open_stream
 from sync.dispatcher import Dispatcher
@@ -353,3 +354,41 @@ async def test_events_pruned_while_a_catch_up_pages_turn_into_must_refetch_then_
     assert rest[0]["data"]["reason"].startswith(f"cursor {format_cursor(2)} is older")
     assert rest[1]["data"] == {"cursor": format_cursor(10)}
     assert len(dispatcher.manager) == 0
+
+
+async def test_a_bus_gap_already_pruned_closes_every_stream_with_resync(
+    world: None, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """The bus lost batches (Redis flushed) and retention pruned the same events before the
+    gateway could fill the gap from Postgres: no stream can get them any more, so each is
+    closed with `resync`; resuming from its cursor then gets `must-refetch`."""
+    dispatcher = await started_dispatcher(pool)
+    subscriber = Subscriber("live", "alice", max_buffer_bytes=1 << 20)
+    frames = open_stream(dispatcher, StreamRequest("alice"), subscriber)
+    try:
+        opening = await frames_until_offset(frames)
+        await commit(db, "m1", "m2", "m3")
+        await age(db, 2 * DAY_S)
+        await prune_batch(db, retention_s=DAY_S, batch_size=100, upto=3)
+        await commit(db, "m4")
+        (m4,) = (await read_page(db, 3, 10)).events
+        await dispatcher.handle(Batch(3, (m4,)))  # events 1..3 never came through the bus
+        ending = parse([chunk async for chunk in frames])
+    finally:
+        await frames.aclose()
+    cursor = opening[-1]["data"]["cursor"]
+
+    assert [f.get("event") for f in ending] == ["close"]
+    assert ending[0]["data"] == {"reason": "resync"}
+    assert dispatcher.position == 4 and len(dispatcher.manager) == 0
+
+    resumed = open_stream(
+        dispatcher,
+        StreamRequest("alice", after=int(cursor, 16)),
+        Subscriber("again", "alice", max_buffer_bytes=1 << 20),
+    )
+    try:
+        again = await frames_until_offset(resumed)
+    finally:
+        await resumed.aclose()
+    assert [f.get("event") for f in again] == ["must-refetch", "offset"]

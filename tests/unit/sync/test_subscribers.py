@@ -450,3 +450,40 @@ class ManagerMachine(RuleBasedStateMachine):
 
 TestManagerAgainstModel = ManagerMachine.TestCase
 TestManagerAgainstModel.settings = settings(max_examples=200, stateful_step_count=40)
+
+
+# Subscriber: keep-alive and commit times
+
+
+PING = b": ping\n\n"
+
+
+async def test_ping_is_queued_only_to_a_subscriber_idle_since_the_last_ping() -> None:
+    subscriber = Subscriber("s1", "alice", max_buffer_bytes=1024)
+    async with frames_of(subscriber) as frames:
+        assert subscriber.offer(FRAME)
+        assert subscriber.ping(PING)  # busy since the last ping: nothing queued
+        assert await next_chunk(frames) == FRAME
+        assert subscriber.ping(PING)  # idle for a whole interval
+        assert await next_chunk(frames) == PING
+
+
+def test_ping_into_a_full_buffer_reports_a_slow_consumer() -> None:
+    subscriber = Subscriber("s1", "alice", max_buffer_bytes=len(FRAME) + 3)
+    assert subscriber.offer(FRAME)
+    assert subscriber.ping(PING)  # clears the busy mark
+    assert not subscriber.ping(PING)
+    assert subscriber.buffered_bytes == len(FRAME)
+
+
+async def test_a_chunk_carries_the_commit_time_of_its_oldest_event() -> None:
+    subscriber = Subscriber("s1", "alice", max_buffer_bytes=1024)
+    async with frames_of(subscriber) as frames:
+        subscriber.offer(FRAME, committed_at=100.0)
+        subscriber.offer(FRAME, committed_at=101.0)
+        await next_chunk(frames)
+        assert subscriber.chunk_committed_at == 100.0
+        subscriber.ping(PING)
+        subscriber.ping(PING)
+        await next_chunk(frames)
+        assert subscriber.chunk_committed_at == 0.0  # a keep-alive carries no event
