@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench bench-quick bench-latency chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,16 @@ format: $(STAMP)
 	$(BIN)/ruff format core sync gateway tests bench
 
 bench: $(STAMP)
+	$(BIN)/python -m bench.suite
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.suite --quick --out bench/results-quick.json
+
+bench-latency: $(STAMP)
 	$(BIN)/python -m bench.latency
+
+chaos: $(STAMP)
+	$(BIN)/python -m bench.chaos --minutes 10
 
 clean:
 	rm -rf $(VENV) .userstream .pytest_cache .mypy_cache .ruff_cache

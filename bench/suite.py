@@ -1,0 +1,230 @@
+"""The benchmark suite: userstream against Nchan and a plain sse-starlette app, same client.
+
+    .venv/bin/python -m bench.suite [SCENARIO ...] [--targets userstream,nchan,plain]
+                                    [--quick] [--out bench/results.json]
+
+Scenarios (default: all, in this order): `ceiling` (the load client's own limit against the
+trivial C server `bench/client/sseserve`), `idle` (RSS per connection, CPU at rest), `broadcast`
+(one channel, rising rates until a target falls behind), `targeted` (one channel per user),
+`connect-storm` (connects/s, time to ready), `slow` (5 % slow consumers), `scale` (userstream
+with 2 gateway workers against 1). `--quick` shrinks every size for a smoke run (< 1 min of
+measuring); the default run takes about 10 minutes.
+
+Pinning: every server `taskset -c <--server-cpu>` (default 0); the load client `sseload`, the
+publisher (this process, pinned with `sched_setaffinity`) and userstream's relay on
+`--client-cpu` (default 1). Postgres and Redis are the machine's own services, not pinned.
+Each scenario prints a table; all figures go to `--out` as JSON (rewritten after every
+scenario, so an interrupted run keeps what it measured).
+"""
+
+import argparse
+import asyncio
+import datetime
+import importlib
+import importlib.metadata
+import inspect
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import loadclient
+from bench.scenarios import FULL, QUICK, SCENARIOS, Context, Report
+from bench.targets import Target
+from bench.targets.userstream import UserstreamTarget
+from tests.services import PgServer, postgres_server, redis_server
+
+TARGETS = ("userstream", "nchan", "plain")
+CLASSES = {"nchan": "NchanTarget", "plain": "PlainTarget"}
+
+
+def parse_cpus(text: str) -> set[int]:
+    """A `taskset -c` list (`1`, `0,1`, `0-1`) as a set of cpu numbers; ValueError if bad."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def target_factory(pg: PgServer, redis_url: str, client_cpu: str) -> Any:
+    """`make_target(name)`: a new, not started target. The baselines are imported when first
+    asked for, so a missing one fails only its own rows (ImportError, AttributeError)."""
+
+    def make_target(name: str) -> Target:
+        if name == "userstream":
+            return UserstreamTarget(pg, redis_url, relay_cpu=client_cpu)
+        if name not in CLASSES:
+            raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+        cls = getattr(importlib.import_module(f"bench.targets.{name}"), CLASSES[name])
+        offered = {"redis_url": redis_url, "pg": pg}
+        accepted = inspect.signature(cls).parameters
+        target: Target = cls(**{k: v for k, v in offered.items() if k in accepted})
+        return target
+
+    return make_target
+
+
+def cell(value: Any) -> str:
+    """A table cell: thousands separators for big numbers, 1-2 decimals for small ones."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int) or abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def table(report: Report) -> str:
+    """The report's rows as an aligned text table; error rows print the error after the target."""
+    headers = [header for _, header in report.columns]
+    lines = []
+    body: list[list[str]] = []
+    errors: list[str] = []
+    for row in report.rows:
+        if "error" in row:
+            errors.append(f"  {row.get('target', '?')}: ERROR {row['error']}")
+        if "error" in row and "deliveries_per_s" not in row and "ready" not in row:
+            continue
+        body.append([cell(row.get(key)) for key, _ in report.columns])
+    widths = [max([len(h), *(len(r[i]) for r in body)]) for i, h in enumerate(headers)]
+    lines.append("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
+    lines.extend("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in body)
+    lines.extend(errors)
+    lines.extend(f"  note: {note}" for note in report.notes)
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures were taken: cpu model and count, kernel, Python, library versions."""
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    versions: dict[str, str | None] = {}
+    for package in ("uvicorn", "starlette", "sse-starlette", "uvloop", "httptools", "orjson"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def write(path: Path, meta: dict[str, Any], reports: dict[str, Report]) -> None:
+    """All figures so far as JSON: `{"meta": ..., "scenarios": {name: {rows, notes, summary}}}`."""
+    document = {
+        "meta": meta,
+        "scenarios": {
+            name: {"rows": r.rows, "notes": r.notes, "summary": r.summary}
+            for name, r in reports.items()
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+
+
+async def run(args: argparse.Namespace, ctx: Context) -> dict[str, Report]:
+    """Run the chosen scenarios in order, printing each table, rewriting `--out` after each."""
+    reports: dict[str, Report] = {}
+    meta = {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "options": {k: v for k, v in vars(args).items() if k != "scenarios"},
+        "sizes": ctx.sizes.__dict__,
+        "machine": machine(),
+    }
+    for name in args.scenarios:
+        began = time.monotonic()
+        print(f"\n== {name} ==", flush=True)
+        try:
+            report = await SCENARIOS[name](ctx)
+        except Exception as exc:  # one broken scenario must not lose the others' figures
+            report = Report([("target", "target")], [{"error": f"{type(exc).__name__}: {exc}"}])
+        report.summary["seconds"] = round(time.monotonic() - began, 1)
+        reports[name] = report
+        print(table(report))
+        print(f"  ({report.summary['seconds']:.0f} s)", flush=True)
+        write(args.out, meta, reports)
+    return reports
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line; unknown scenario or target names exit with status 2."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.suite", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO", help=", ".join(SCENARIOS))
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated")
+    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    parser.add_argument("--server-cpu", default="0", help="taskset -c list for servers")
+    parser.add_argument("--client-cpu", default="1", help="cpu of client and publisher")
+    parser.add_argument(
+        "--idle-connections",
+        help="comma-separated counts for `idle` (default 10000,19000; quick 500); above about"
+        " 19,000 use --idle-workers and --client-processes (20,000 open files per process)",
+    )
+    parser.add_argument("--idle-workers", type=int, default=1, help="server workers in `idle`")
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="sseload processes in `idle`, each from its own source IP 127.0.0.<k>",
+    )
+    args = parser.parse_args(argv)
+    args.scenarios = args.scenarios or list(SCENARIOS)
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in args.targets if t not in TARGETS]
+    if bad:
+        parser.error(f"unknown target {', '.join(bad)}; choose from {', '.join(TARGETS)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Pin this process to the client cpu, raise the open-file limit to its hard limit (the
+    servers started from here inherit it), build the C client, run."""
+    args = parse_args(argv)
+    os.sched_setaffinity(0, parse_cpus(args.client_cpu))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    loadclient.build()
+    sizes = QUICK if args.quick else FULL
+    idle_counts = (
+        tuple(int(n) for n in args.idle_connections.split(","))
+        if args.idle_connections
+        else sizes.idle_connections
+    )
+    ips = tuple(f"127.0.0.{k + 1}" for k in range(args.client_processes))
+    with postgres_server() as pg, redis_server() as redis_url:
+        ctx = Context(
+            sizes=sizes,
+            server_cpu=args.server_cpu,
+            client_cpu=args.client_cpu,
+            targets=args.targets,
+            make_target=target_factory(pg, redis_url, args.client_cpu),
+            idle_connections=idle_counts,
+            idle_workers=args.idle_workers,
+            client_processes=args.client_processes,
+            source_ips=ips if args.client_processes > 1 else (),
+        )
+        asyncio.run(run(args, ctx))
+    print(f"\nfigures written to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
