@@ -52,13 +52,15 @@ def parse_cpus(text: str) -> set[int]:
     return cpus
 
 
-def target_factory(pg: PgServer, redis_url: str, client_cpu: str) -> Any:
+def target_factory(
+    pg: PgServer, redis_url: str, client_cpu: str, source: Path | None = None
+) -> Any:
     """`make_target(name)`: a new, not started target. The baselines are imported when first
     asked for, so a missing one fails only its own rows (ImportError, AttributeError)."""
 
     def make_target(name: str) -> Target:
         if name == "userstream":
-            return UserstreamTarget(pg, redis_url, relay_cpu=client_cpu)
+            return UserstreamTarget(pg, redis_url, relay_cpu=client_cpu, source=source)
         if name not in CLASSES:
             raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
         cls = getattr(importlib.import_module(f"bench.targets.{name}"), CLASSES[name])
@@ -183,6 +185,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="sseload processes in `idle`, each from its own source IP 127.0.0.<k>",
     )
+    parser.add_argument(
+        "--userstream-from",
+        type=Path,
+        metavar="DIR",
+        help="run the userstream target from this checkout (e.g. a `git worktree` of an"
+        " earlier commit) to compare versions",
+    )
     args = parser.parse_args(argv)
     args.scenarios = args.scenarios or list(SCENARIOS)
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
@@ -216,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             server_cpu=args.server_cpu,
             client_cpu=args.client_cpu,
             targets=args.targets,
-            make_target=target_factory(pg, redis_url, args.client_cpu),
+            make_target=target_factory(pg, redis_url, args.client_cpu, args.userstream_from),
             idle_connections=idle_counts,
             idle_workers=args.idle_workers,
             client_processes=args.client_processes,

@@ -66,7 +66,9 @@ class UserstreamTarget:
     gateway share (keys under a unique `USERSTREAM_REDIS_PREFIX`, deleted by `stop`);
     `relay_cpu`: `taskset -c` list for the relay (None: not pinned); `keepalive_s`: the
     keep-alive interval (`USERSTREAM_KEEPALIVE_S`, None: the default 15 s); `env`: further
-    settings for both processes. Raises RuntimeError from `start` when a process does not come up.
+    settings for both processes; `source`: run `gateway.cli` from this checkout of the project
+    (a `git worktree` of another commit, to compare versions; None: this one). Raises
+    RuntimeError from `start` when a process does not come up.
     """
 
     name = "userstream"
@@ -80,12 +82,14 @@ class UserstreamTarget:
         relay_cpu: str | None = None,
         keepalive_s: float | None = None,
         env: dict[str, str] | None = None,
+        source: Path | None = None,
     ) -> None:
         self.pg = pg
         self.redis_url = redis_url
         self.relay_cpu = relay_cpu
         self.keepalive_s = keepalive_s
         self.extra_env = dict(env or {})
+        self.source = source
         self.database = f"usbench_{nanoid.generate('abcdefghijklmnopqrstuvwxyz', 10)}"
         self.prefix = f"{self.database}:"
         self.port = 0
@@ -97,7 +101,8 @@ class UserstreamTarget:
         self._created = False
         self._sequence = 0
 
-    def _env(self) -> dict[str, str]:
+    def env(self) -> dict[str, str]:
+        """The environment of `serve` and `relay`: this process's, plus the target's settings."""
         env = {
             **os.environ,
             "DATABASE_URL": self.pg.dsn(self.database),
@@ -110,6 +115,8 @@ class UserstreamTarget:
         }
         if self.keepalive_s is not None:
             env["USERSTREAM_KEEPALIVE_S"] = str(self.keepalive_s)
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source)
         env.update(self.extra_env)
         return env
 
@@ -118,7 +125,8 @@ class UserstreamTarget:
         with open(self.log_dir / f"{name}.log", "ab") as log:
             return subprocess.Popen(
                 [*pin, sys.executable, "-m", "gateway.cli", *args],
-                env=self._env(),
+                env=self.env(),
+                cwd=self.source,
                 stdout=log,
                 stderr=log,
             )
