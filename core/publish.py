@@ -11,10 +11,13 @@ transaction commits::
             entity_id=f"{s}:{u}", workspace_id=w, stream_id=s, user_id=u, actor_id=admin))
 
 Every event is validated before anything is written; a bad one raises `InvalidEvent` and
-writes nothing, so the caller's transaction is not aborted by a CHECK violation.
+writes nothing, so the caller's transaction is not aborted by a CHECK violation or by a value
+Postgres cannot store (a NUL character: text and jsonb refuse U+0000, PostgreSQL docs §8.3 and
+§8.14).
 """
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +36,9 @@ class InvalidEvent(ValueError):
 class OutboxEvent:
     """One change to announce: the columns of PROTOCOL.md §1.
 
-    `data` and `tx` are any JSON-serializable values (orjson); `data` may be at most
-    64 KiB (65,536 bytes) as Postgres stores it.
+    `data` is any JSON-serializable value (orjson), at most 64 KiB (65,536 bytes) as Postgres
+    stores it; `tx` is a mapping of JSON-serializable values, or None. No string, key or value
+    may contain a NUL character (U+0000).
     """
 
     type: str
@@ -52,16 +56,26 @@ class OutboxEvent:
         """The INSERT parameters, in `_COLUMNS` order, with `data`/`tx` as JSON text.
 
         Raises InvalidEvent for an empty required field, an unknown action, missing scope
-        columns (`core.events.scope_error`), a non-string id, unserializable or oversize `data`.
+        columns (`core.events.scope_error`), a non-string id, a NUL character in a string field
+        or in the JSON text of `data` or `tx`, a `tx` that is not a mapping or None, and
+        unserializable or oversize `data`.
         """
         for name in ("type", "resource_type", "action", "entity_id"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise InvalidEvent(f"{name} must be a non-empty string, got {value!r}")
+            _refuse_nul(name, value)
         for name in ("workspace_id", "stream_id", "user_id", "actor_id"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise InvalidEvent(f"{name} must be a non-empty string or None, got {value!r}")
+            if value is not None:
+                _refuse_nul(name, value)
+        if self.tx is not None and not isinstance(self.tx, Mapping):
+            # The annotation says so, but no type checker stands between JSON and the SDK.
+            raise InvalidEvent(
+                f"tx must be a mapping (a JSON object) or None, got {type(self.tx).__name__}"
+            )
         if self.action not in ACTIONS:
             raise InvalidEvent(f"action {self.action!r} is not one of {sorted(ACTIONS)}")
         problem = scope_error(self.resource_type, _scope(self))
@@ -94,13 +108,38 @@ _COLUMNS = (
 )
 
 
+def _refuse_nul(name: str, value: str) -> None:
+    """Raise InvalidEvent if `value` contains U+0000, which Postgres text cannot store
+    (PostgreSQL docs §8.3: "the character with code zero cannot be stored")."""
+    if "\x00" in value:
+        raise InvalidEvent(
+            f"{name} contains a NUL character (U+0000), which Postgres cannot store: {value!r}"
+        )
+
+
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+"""An escaped U+0000 in JSON text: `\\u0000` preceded by an even number of backslashes, zero
+included (after an odd number its backslash closes an escaped `\\\\`, and the text is the
+six literal characters `\\u0000`). orjson writes U+0000 only in this form (RFC 8259 §7:
+control characters are escaped)."""
+
+
 def _json_text(value: Any, name: str) -> str | None:
+    """`value` as JSON text (orjson), or None for None. Raises InvalidEvent when it is not
+    serializable or contains U+0000, which jsonb refuses ("unsupported Unicode escape
+    sequence", PostgreSQL docs §8.14)."""
     if value is None:
         return None
     try:
-        return orjson.dumps(value).decode()
+        text = orjson.dumps(value).decode()
     except TypeError as exc:
         raise InvalidEvent(f"{name} is not JSON-serializable: {exc}") from None
+    if "\\u0000" in text and _JSON_NUL.search(text):
+        raise InvalidEvent(
+            f"{name} contains a NUL character (U+0000, \\u0000 in its JSON text) in a string or"
+            " key, which Postgres jsonb cannot store"
+        )
+    return text
 
 
 def _data_text(value: Any) -> str | None:

@@ -5,14 +5,14 @@
 also serves them on that port, away from public traffic.
 
 `/admin/status` answers `Authorization: Bearer <USERSTREAM_ADMIN_TOKEN>` (compared in constant
-time) with every replica's view as last reported to the bus (`Runtime.report`: connections,
-users and connections per workspace), this replica's view now, the relay's position and lag
-(from Postgres) and the bus's health. Without a configured token the endpoint is off (404);
-a missing or wrong token gets 401. Both answers are RFC 9457 problems.
+time by `gateway.auth.bearer_matches`) with every replica's view as last reported to the bus
+(`Runtime.report`: connections, users and connections per workspace), this replica's view now,
+the relay's position and lag (from Postgres) and the bus's health. Without a configured token
+the endpoint is off (404); a missing or wrong token gets 401. Both answers are RFC 9457
+problems.
 """
 
 import asyncio
-import hmac
 import logging
 
 import orjson
@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from core.cursors import format_cursor
+from gateway.auth import bearer_matches
 from gateway.problems import problem
 from gateway.runtime import Runtime
 from sync.faults import SERVICE_FAULTS
@@ -59,9 +60,7 @@ async def admin_status(request: Request) -> Response:
     expected = runtime.settings.admin_token
     if expected is None:
         return problem(404, "the admin endpoint is off: USERSTREAM_ADMIN_TOKEN is not set")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    secret = expected.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), secret):
+    if not bearer_matches(request, expected):
         return problem(401, "admin token missing or wrong", headers={"WWW-Authenticate": "Bearer"})
     return JSONResponse(
         {

@@ -6,13 +6,18 @@ header, the `userstream_token` cookie, the `access_token` query parameter (for c
 EventSource, which cannot set headers; `gateway.logs` redacts it from every log line).
 Tokens must carry `sub` and `exp`. HS256 with a shared secret, or RS256/ES256 with a PEM
 public key (PyJWT).
+
+Operators and services present static tokens instead (`USERSTREAM_ADMIN_TOKEN` for
+`/admin/status`, `USERSTREAM_PUBLISH_TOKEN` for `/publish`), checked by `bearer_matches`.
 """
 
+import hmac
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from pydantic import SecretStr
 from starlette.requests import Request
 
 from gateway.settings import Settings
@@ -105,3 +110,12 @@ def _credential(request: Request) -> str:
         f"no credentials: send 'Authorization: Bearer <token>', the {COOKIE_NAME} cookie "
         f"or the {QUERY_PARAMETER} query parameter"
     )
+
+
+def bearer_matches(request: Request, secret: SecretStr) -> bool:
+    """True when the request's `Authorization` header is `Bearer <secret>`: the scheme
+    case-insensitive (RFC 9110 §11.1), the token compared in constant time
+    (`hmac.compare_digest`) so response times do not reveal how much of it matched."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    expected = secret.get_secret_value().encode()
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)

@@ -91,6 +91,19 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for `GET /admin/status` (unset: the endpoint is off)."
     )
+    publish_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of `POST /publish`, the HTTP publish endpoint for services"
+        " that cannot reach the database (unset: the endpoint is off, 404).",
+    )
+    publish_max_bytes: int = Field(
+        1_048_576,
+        gt=0,
+        description="Largest `POST /publish` body, bytes (1 MiB); a larger one gets 413.",
+    )
+    publish_max_events: int = Field(
+        1000, gt=0, description="Most events in one `POST /publish`; more get 413."
+    )
     status_interval_s: float = Field(
         5.0, gt=0, description="How often each replica reports its status to the bus, seconds."
     )
@@ -103,6 +116,7 @@ class Settings(BaseSettings):
         "jwt_secret",
         "jwt_public_key",
         "admin_token",
+        "publish_token",
         "metrics_port",
         mode="before",
     )
