@@ -19,6 +19,7 @@ import asyncio
 import gc
 import os
 import tracemalloc
+from pathlib import Path
 
 import uvicorn
 import uvloop
@@ -26,7 +27,7 @@ import uvloop
 from bench import loadclient
 from bench.scenarios import EVENT_STREAM_HEADERS, rss_bytes, wait_measuring, watch_phase
 from bench.targets.userstream import UserstreamTarget
-from tests.services import free_port, postgres_server, redis_server
+from tests.services import PgServer, free_port, postgres_server, redis_server
 
 SETTLE_S = 2.0
 """Pause after every connection is ready, before the second snapshot, seconds."""
@@ -69,6 +70,10 @@ async def measure(args: argparse.Namespace, target: UserstreamTarget) -> None:
     print(f"connections ready: {result.ready} of {result.connections}")
     print(f"RSS per connection:    {(rss1 - rss0) / n:8.0f} bytes (with tracemalloc's overhead)")
     print(f"traced per connection: {traced / n:8.0f} bytes (Python objects)")
+    print("\ntraced bytes per connection, by where they were allocated:")
+    for where, size in by_package(after.compare_to(before, "filename")):
+        if abs(size / n) >= 1:
+            print(f"{size / n:8.0f} B  {where}")
     print(f"\ntop {args.top} allocation sites, bytes and blocks per connection:")
     group = "traceback" if args.frames > 1 else "lineno"
     for stat in after.compare_to(before, group)[: args.top]:
@@ -78,15 +83,35 @@ async def measure(args: argparse.Namespace, target: UserstreamTarget) -> None:
             print(f"{'':28}{line.strip()}")
 
 
-async def main_async(args: argparse.Namespace) -> None:
-    """Provide Postgres, Redis, the seeded database and the relay; run `measure`."""
-    with postgres_server() as pg, redis_server() as redis_url:
-        target = UserstreamTarget(pg, redis_url, env={"USERSTREAM_LOG_LEVEL": "error"})
-        await target.start(cpu="0-1", users=args.connections, scope="broadcast")
-        try:
-            await measure(args, target)
-        finally:
-            await target.stop()
+def by_package(stats: list[tracemalloc.StatisticDiff]) -> list[tuple[str, int]]:
+    """Size differences summed by package (`uvicorn`, `starlette`, `asyncio`, this project's
+    `core`/`sync`/`gateway`, ...), largest first: the file path's first component under
+    `site-packages`, the standard library or this checkout."""
+    sums: dict[str, int] = {}
+    root = str(Path(__file__).resolve().parent.parent)
+    for stat in stats:
+        path = stat.traceback[0].filename
+        if "site-packages/" in path:
+            name = path.split("site-packages/", 1)[1].split("/", 1)[0]
+        elif path.startswith(root):
+            name = path[len(root) + 1 :].split("/", 1)[0]
+        elif "/lib/python3" in path:
+            parts = path.split("/lib/python3", 1)[1].split("/")
+            name = parts[1] if len(parts) > 2 else parts[-1]
+        else:
+            name = path
+        sums[name] = sums.get(name, 0) + stat.size_diff
+    return sorted(sums.items(), key=lambda item: -item[1])
+
+
+async def main_async(args: argparse.Namespace, pg: PgServer, redis_url: str) -> None:
+    """Seed the database and start the relay (`UserstreamTarget`); run `measure`."""
+    target = UserstreamTarget(pg, redis_url, env={"USERSTREAM_LOG_LEVEL": "error"})
+    await target.start(cpu="0-1", users=args.connections, scope="broadcast")
+    try:
+        await measure(args, target)
+    finally:
+        await target.stop()
 
 
 def main() -> None:
@@ -97,8 +122,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1, help="frames per allocation site")
     args = parser.parse_args()
     loadclient.build()
-    tracemalloc.start(args.frames)
-    uvloop.run(main_async(args))
+    with postgres_server() as pg, redis_server() as redis_url:
+        tracemalloc.start(args.frames)
+        uvloop.run(main_async(args, pg, redis_url))
 
 
 if __name__ == "__main__":

@@ -129,6 +129,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if not settings.database_url:
         sys.exit("DATABASE_URL is not set")
+    if args.command == "relay" and not settings.redis_url:
+        sys.exit(
+            "REDIS_URL is not set: a relay process publishes to Redis, where gateways read"
+            " (for one process without Redis: userstream serve --with-relay)"
+        )
     asyncio.run(_migrate(settings) if args.command == "migrate" else _relay(settings))
 
 

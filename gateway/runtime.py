@@ -1,9 +1,9 @@
 """Everything a gateway process runs, built from settings and passed explicitly (no globals).
 
 `Runtime.start(settings)` opens the Postgres pool and the bus, starts the dispatcher, the
-keep-alive pass, the replica status report, the shutdown drain (`gateway.shutdown`) and, in
-one-process mode or with `with_relay`, an outbox relay as tasks; `close()` stops them in
-reverse order: tasks, bus, pool (arq's `close()`).
+keep-alive pass, the deadline sweep (`gateway.deadlines`), the replica status report, the
+shutdown drain (`gateway.shutdown`) and, in one-process mode or with `with_relay`, an outbox
+relay as tasks; `close()` stops them in reverse order: tasks, bus, pool (arq's `close()`).
 """
 
 import asyncio
@@ -14,7 +14,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from core.cursors import format_cursor
 from core.frames import encode_retry
 from core.types import Frame
 from gateway.auth import Authenticator
+from gateway.deadlines import SWEEP_INTERVAL_S, Deadlines
 from gateway.limits import ConnectionLimiter
 from gateway.settings import Settings
 from gateway.shutdown import Drain
@@ -88,6 +89,7 @@ class Runtime:
     auth: Authenticator
     limiter: ConnectionLimiter
     drain: Drain
+    deadlines: Deadlines
     relay: OutboxRelay | None = None
     replica: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     started_at: float = field(default_factory=time.time)
@@ -117,7 +119,8 @@ class Runtime:
         )
         limiter = ConnectionLimiter(settings.max_connections_per_user)
         drain = Drain(dispatcher, settings.drain_s)
-        runtime = cls(settings, pool, bus, dispatcher, auth, limiter, drain)
+        deadlines = Deadlines(settings.send_timeout_s)
+        runtime = cls(settings, pool, bus, dispatcher, auth, limiter, drain, deadlines)
         await dispatcher.start()
         drain.install_signal_handlers()
         metrics.SEND_BUFFER_BYTES.set_function(
@@ -125,7 +128,8 @@ class Runtime:
         )
         runtime.spawn(dispatcher.run(runtime.stop), "dispatcher")
         runtime.spawn(drain.run(runtime.stop), "drain")
-        runtime.spawn(runtime.every(settings.keepalive_s, dispatcher.ping_idle), "keep-alive")
+        runtime.spawn(runtime.every(settings.keepalive_s / 2, dispatcher.ping_idle), "keep-alive")
+        runtime.spawn(runtime.every(SWEEP_INTERVAL_S, deadlines.sweep), "deadlines")
         runtime.spawn(runtime.every(settings.status_interval_s, runtime.report), "status")
         if settings.with_relay or not settings.redis_url:
             runtime.relay = make_relay(settings, bus)
@@ -142,9 +146,9 @@ class Runtime:
         """Run `work` as a task until `close()`."""
         self.tasks.append(asyncio.create_task(work, name=name))
 
-    async def every(self, interval_s: float, step: Callable[[], Awaitable[None] | None]) -> None:
-        """Call `step` every `interval_s` seconds until `stop`; a failing step is logged and
-        the next one runs on time."""
+    async def every(self, interval_s: float, step: Callable[[], object]) -> None:
+        """Call `step` every `interval_s` seconds until `stop`, awaiting what it returns if
+        that is awaitable; a failing step is logged and the next one runs on time."""
         while not self.stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), interval_s)

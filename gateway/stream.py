@@ -8,7 +8,13 @@ sse-starlette did per connection is done once per process instead:
 - keep-alive: `Dispatcher.ping_idle` queues `: ping` to every stream idle for a whole interval
   (`Runtime` calls it every `keepalive_s`), not a timer per connection;
 - shutdown: `gateway.shutdown.Drain` closes every stream with `event: close` (shutdown);
-- send timeout: `asyncio.timeout` around each write (a timer handle, not a task).
+- send timeout and token expiry: `gateway.deadlines.Deadlines`, one sweep a second.
+
+The route is a bare ASGI endpoint (`stream_endpoint`) that `gateway.app.Gateway` calls before
+Starlette's middleware stack and router: a long-lived response would otherwise keep their
+coroutine frames, `send` wrappers and `Request` copies alive for its whole life (6.6 KB per
+connection) and pass every write through two wrappers (8 % of a saturated gateway's CPU;
+bench/RESULTS.md, "Per-connection memory" and "Hot path"). Only CORS, when configured, wraps it.
 
 Frames are pre-encoded bytes, one encoding per event shared by every subscriber, and all
 frames queued for a connection go out in one write (`Subscriber.frames`). Lines end in `\\n`;
@@ -18,7 +24,8 @@ frames queued for a connection go out in one write (`Subscriber.frames`). Lines 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import nanoid
 from starlette.requests import Request
@@ -28,6 +35,7 @@ from starlette.types import Message, Receive, Scope, Send
 from core.cursors import InvalidCursor, parse_cursor
 from core.types import Frame
 from gateway.auth import AuthError
+from gateway.deadlines import SEND_TIMEOUT
 from gateway.problems import problem
 from gateway.runtime import Runtime, retry_frame
 from gateway.shutdown import Drain
@@ -37,92 +45,131 @@ from sync.subscribers import Subscriber
 
 logger = logging.getLogger(__name__)
 
+PATH = "/me/stream"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MEDIA_TYPE = "text/event-stream"
+_START_HEADERS = [
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+]
+"""The stream's response headers, encoded once (copied per response: middleware may add
+to the list it is given)."""
 
 CLIENT = "client"
 """Disconnect reason of a stream its client ended (metrics and logs)."""
-SEND_TIMEOUT = "send_timeout"
-"""Disconnect reason of a stream whose socket accepted nothing for `send_timeout_s` while data
-waited (PROTOCOL.md §4 Isolation)."""
+TOKEN_EXPIRED = "token_expired"
+"""The `close` reason of a stream whose token expired (PROTOCOL.md §3)."""
 
 
 class SSEResponse(Response):
-    """An ASGI response writing `frames` (bytes, each a run of complete SSE frames) until they
-    end, the client disconnects, or one write waits longer than `send_timeout_s` seconds.
+    """One open `/me/stream` response: writes `frames` (bytes, each a run of complete SSE
+    frames) until they end, the client disconnects, a write waits past the send timeout or the
+    token expires (both found by `runtime.deadlines`, `gateway.deadlines`).
 
     `subscriber` is the connection's send buffer: its `chunk_committed_at` feeds the
-    commit-to-write histogram, and its `close_reason` names why the stream ended. `on_close`
-    is called once with that reason (`CLIENT`, `SEND_TIMEOUT`, or the subscriber's close
-    reason), however the response ends.
+    commit-to-write histogram, and its `close_reason` names why the stream ended. When the
+    response ends, however it ends, the user's slot in the per-user limit is released, the
+    subscriber untracked, and the disconnect counted with its reason (`CLIENT`,
+    `SEND_TIMEOUT`, or the subscriber's close reason). The bookkeeping lives in this one object,
+    with no closure or timer per connection.
     """
 
     media_type = MEDIA_TYPE
 
     def __init__(
         self,
-        frames: AsyncGenerator[Frame, None],
+        runtime: Runtime,
+        user_id: str,
+        expires_at: float,
         subscriber: Subscriber,
-        *,
-        send_timeout_s: float,
-        on_close: Callable[[str], None],
+        frames: AsyncGenerator[Frame, None],
     ) -> None:
-        # No `super().__init__`: with no body it would send `content-length: 0` (Starlette's
-        # `StreamingResponse` sets up its headers the same way).
+        # No `super().__init__`: with no body it would send `content-length: 0`; the headers
+        # are `_START_HEADERS`, the same for every stream.
         self.status_code = 200
         self.background = None
-        self.init_headers(HEADERS)
-        self.frames = frames
+        self.runtime = runtime
+        self.user_id = user_id
+        self.expires_at = expires_at
         self.subscriber = subscriber
-        self.send_timeout_s = send_timeout_s
-        self.on_close = on_close
-        self._client_gone = False
+        self.frames = frames
+        self.writing_since = 0.0
+        self._task: asyncio.Task[Any] | None = None
+        self._aborted: str | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        task = asyncio.current_task()
+        task = self._task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.ensure_future(self._watch(receive, task))
+        watcher = asyncio.ensure_future(self._watch(receive))
+        deadlines = self.runtime.deadlines
+        deadlines.add(self)
         reason = CLIENT
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": list(_START_HEADERS)}
+            )
             reason = await self._write_all(send)
         except asyncio.CancelledError:
-            if not self._client_gone:
+            if self._aborted is None:
                 raise
             task.uncancel()
+            reason = self._aborted
         except OSError:  # the server reports a lost client on write (ASGI 2.4 OSError)
             reason = CLIENT
         finally:
+            deadlines.discard(self)
             watcher.cancel()
             await self.frames.aclose()
-            self.on_close(reason)
+            self._closed(reason)
 
     async def _write_all(self, send: Send) -> str:
         subscriber = self.subscriber
         async for chunk in self.frames:
-            try:
-                async with asyncio.timeout(self.send_timeout_s):
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except TimeoutError:
-                logger.info(
-                    "stream closed: client accepted nothing for %.1f s",
-                    self.send_timeout_s,
-                    extra={"conn": subscriber.id, "user": subscriber.user_id},
-                )
-                return SEND_TIMEOUT
+            self.writing_since = time.monotonic()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self.writing_since = 0.0
             if subscriber.chunk_committed_at:
                 metrics.COMMIT_TO_WRITE.observe(time.time() - subscriber.chunk_committed_at)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return subscriber.close_reason or CLIENT
 
-    async def _watch(self, receive: Receive, task: "asyncio.Task[None]") -> None:
-        """Wait for `http.disconnect` and cancel the response: uvicorn's `send` returns
+    def abort(self, reason: str) -> None:
+        """End the response now with `reason` (`gateway.deadlines.Stream`): cancel its task.
+        Only the first call counts."""
+        if self._aborted is not None or self._task is None:
+            return
+        self._aborted = reason
+        if reason == SEND_TIMEOUT:
+            logger.info(
+                "stream closed: client accepted nothing for %.1f s",
+                self.runtime.deadlines.send_timeout_s,
+                extra={"conn": self.subscriber.id, "user": self.user_id},
+            )
+        self._task.cancel()
+
+    def expire(self) -> None:
+        """The token expired: `event: close` `token_expired` (`gateway.deadlines.Stream`)."""
+        self.expires_at = float("inf")
+        self.runtime.dispatcher.disconnect(self.subscriber, TOKEN_EXPIRED)
+
+    def _closed(self, reason: str) -> None:
+        runtime = self.runtime
+        runtime.limiter.release(self.user_id)
+        runtime.drain.untrack(self.subscriber)
+        metrics.CONNECTIONS.dec()
+        metrics.DISCONNECTS.labels(reason).inc()
+        logger.debug(
+            "stream closed: %s", reason, extra={"conn": self.subscriber.id, "user": self.user_id}
+        )
+
+    async def _watch(self, receive: Receive) -> None:
+        """Wait for `http.disconnect` and abort the response: uvicorn's `send` returns
         silently once the client is gone (FIELD-NOTES §2), so only `receive` tells."""
         message: Message = {}
         while message.get("type") != "http.disconnect":
             message = await receive()
-        self._client_gone = True
-        task.cancel()
+        self.abort(CLIENT)
 
 
 def stream_request(request: Request, user_id: str, admin: bool) -> StreamRequest:
@@ -182,11 +229,12 @@ async def me_stream(request: Request) -> Response:
         max_buffer_bytes=settings.max_buffer_bytes,
         admin=principal.admin,
     )
-    log_extra = {"conn": subscriber.id, "user": principal.user_id}
     runtime.drain.track(subscriber)
     metrics.CONNECTS.inc()
     metrics.CONNECTIONS.inc()
-    logger.debug("stream opened (%s)", start.after, extra=log_extra)
+    logger.debug(
+        "stream opened (%s)", start.after, extra={"conn": subscriber.id, "user": principal.user_id}
+    )
     frames = open_stream(
         runtime.dispatcher,
         start,
@@ -194,21 +242,14 @@ async def me_stream(request: Request) -> Response:
         first=retry_frame(settings),
         page_size=settings.catchup_page_size,
     )
-    expiry = asyncio.get_running_loop().call_later(
-        max(0.0, principal.expires_at - time.time()),
-        runtime.dispatcher.disconnect,
-        subscriber,
-        "token_expired",
-    )
+    return SSEResponse(runtime, principal.user_id, principal.expires_at, subscriber, frames)
 
-    def on_close(reason: str) -> None:
-        expiry.cancel()
-        runtime.limiter.release(principal.user_id)
-        runtime.drain.untrack(subscriber)
-        metrics.CONNECTIONS.dec()
-        metrics.DISCONNECTS.labels(reason).inc()
-        logger.debug("stream closed: %s", reason, extra=log_extra)
 
-    return SSEResponse(
-        frames, subscriber, send_timeout_s=settings.send_timeout_s, on_close=on_close
-    )
+async def stream_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    """`GET /me/stream` as a bare ASGI app (see the module docstring); other methods get 405.
+    `scope["app"]` must be the `Gateway` (it holds the runtime)."""
+    if scope["method"] not in ("GET", "HEAD"):
+        response: Response = problem(405, "use GET", headers={"Allow": "GET, HEAD"})
+    else:
+        response = await me_stream(Request(scope, receive))
+    await response(scope, receive, send)

@@ -258,8 +258,9 @@ class Dispatcher:
 
     def ping_idle(self) -> None:
         """Queue the keep-alive comment (`: ping`, PROTOCOL.md §3) to every live stream that
-        was sent nothing since the last call; call it every keep-alive interval. One pass over
-        the subscribers replaces a timer per connection."""
+        was sent nothing since the last call; call it every half keep-alive interval, so that
+        no stream stays silent for a whole interval (`Subscriber.ping`). One pass over the
+        subscribers replaces a timer per connection."""
         slow = [s for s in self.manager.all() if not s.ping(PING)]
         for subscriber in slow:
             self.cut_off(subscriber)

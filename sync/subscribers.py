@@ -35,7 +35,7 @@ class Subscriber:
         "_inflight",
         "_oldest_commit",
         "_queue",
-        "_wakeup",
+        "_waiter",
         "admin",
         "after",
         "chunk_committed_at",
@@ -61,7 +61,7 @@ class Subscriber:
         self._bytes = 0
         self._inflight = 0
         self._closed = False
-        self._wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self._oldest_commit = 0.0
         self.chunk_committed_at = 0.0
         self.sent_since_ping = False
@@ -91,16 +91,18 @@ class Subscriber:
             return False
         if not self._queue:
             self._oldest_commit = committed_at
-            self._wakeup.set()
+            self._wake()
         self._queue.append(frame)
         self._bytes += len(frame)
         self.sent_since_ping = True
         return True
 
     def ping(self, frame: Frame) -> bool:
-        """Queue a keep-alive comment unless something was offered since the last `ping`
-        (then the connection is not idle); False when the buffer is full (a slow consumer).
-        Clears the mark either way. Does nothing after `close`."""
+        """Queue a keep-alive comment unless something (an event or a keep-alive) was queued
+        since the last `ping` call, which only clears that mark; False when the buffer is full
+        (a slow consumer). Called every half keep-alive interval, this keeps every silence
+        under one interval and sends an idle stream one comment per interval. Does nothing
+        after `close`."""
         if self._closed:
             return True
         if self.sent_since_ping:
@@ -110,9 +112,10 @@ class Subscriber:
             return False
         if not self._queue:
             self._oldest_commit = 0.0
-            self._wakeup.set()
+            self._wake()
         self._queue.append(frame)
         self._bytes += len(frame)
+        self.sent_since_ping = True
         return True
 
     def close(self, reason: str, *, farewell: Frame = b"") -> None:
@@ -129,19 +132,30 @@ class Subscriber:
         self._queue = [farewell + encode_close(reason)]
         self._bytes = len(self._queue[0])
         self._oldest_commit = 0.0
-        self._wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def frames(self) -> AsyncIterator[Frame]:
         """Everything queued, joined into one chunk per wake-up; ends after `close`.
 
         While a chunk is being written (between this generator's yield and its resumption)
         its size counts towards `buffered_bytes`, and `chunk_committed_at` is the commit time
-        of its oldest event (0 when it carries none).
+        of its oldest event (0 when it carries none). While nothing is queued it waits on a
+        bare future, created per wait: an `asyncio.Event` per connection would hold a deque
+        of its own (about 700 bytes, bench/RESULTS.md "Per-connection memory").
         """
+        loop = asyncio.get_running_loop()
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
             if not self._queue:
+                self._waiter = loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
                 continue
             chunk = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
             self._queue = []
@@ -159,7 +173,9 @@ class StreamSubscriberManager:
 
     def __init__(self) -> None:
         self._by_id: dict[str, Subscriber] = {}
-        self._channels: dict[str, set[ChannelKey]] = {}
+        self._channels: dict[str, tuple[ChannelKey, ...]] = {}
+        """Each subscriber's channels: a tuple (64 bytes for a few channels where a set takes
+        216), rebuilt on the rare channel change."""
         self._by_channel: dict[ChannelKey, dict[str, Subscriber]] = {}
         self._by_user: dict[str, dict[str, Subscriber]] = {}
 
@@ -171,7 +187,7 @@ class StreamSubscriberManager:
         if subscriber.id in self._by_id:
             raise ValueError(f"subscriber {subscriber.id} is already registered")
         self._by_id[subscriber.id] = subscriber
-        self._channels[subscriber.id] = set()
+        self._channels[subscriber.id] = ()
         self._by_user.setdefault(subscriber.user_id, {})[subscriber.id] = subscriber
         self.add_channels(subscriber.id, channels)
 
@@ -189,20 +205,24 @@ class StreamSubscriberManager:
         """Start delivering `channels` to a registered subscriber. Raises KeyError if unknown."""
         subscriber = self._by_id[subscriber_id]
         joined = self._channels[subscriber_id]
-        for channel in channels:
-            if channel not in joined:
-                joined.add(channel)
-                self._by_channel.setdefault(channel, {})[subscriber_id] = subscriber
+        added = [c for c in dict.fromkeys(channels) if c not in joined]
+        if not added:
+            return
+        self._channels[subscriber_id] = (*joined, *added)
+        for channel in added:
+            self._by_channel.setdefault(channel, {})[subscriber_id] = subscriber
 
     def remove_channels(self, subscriber_id: str, channels: Iterable[ChannelKey]) -> None:
         """Stop delivering `channels` to a subscriber; unknown ids and channels are ignored."""
         joined = self._channels.get(subscriber_id)
         if joined is None:
             return
-        for channel in channels:
-            if channel in joined:
-                joined.discard(channel)
-                _discard(self._by_channel, channel, subscriber_id)
+        removed = {c for c in channels if c in joined}
+        if not removed:
+            return
+        self._channels[subscriber_id] = tuple(c for c in joined if c not in removed)
+        for channel in removed:
+            _discard(self._by_channel, channel, subscriber_id)
 
     def all(self) -> Collection[Subscriber]:
         """Every registered subscriber (a live view: copy it before changing the index)."""

@@ -14,7 +14,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from pydantic import AliasChoices
-from starlette.routing import Route
 
 from gateway.app import create_app
 from gateway.cli import _parser
@@ -85,8 +84,7 @@ def parse_cli(argv: list[str]) -> str:
 def served_paths() -> frozenset[str]:
     """The paths the gateway app routes, outside demo mode (nothing is started: `create_app`
     only builds the routes; the lifespan runs under a server)."""
-    app = create_app(settings_from({}))
-    return frozenset(route.path for route in app.routes if isinstance(route, Route))
+    return create_app(settings_from({})).paths()
 
 
 def read_env_file(path: Path) -> dict[str, str]:

@@ -464,7 +464,10 @@ async def test_ping_is_queued_only_to_a_subscriber_idle_since_the_last_ping() ->
         assert subscriber.offer(FRAME)
         assert subscriber.ping(PING)  # busy since the last ping: nothing queued
         assert await next_chunk(frames) == FRAME
-        assert subscriber.ping(PING)  # idle for a whole interval
+        assert subscriber.ping(PING)  # idle since the last call
+        assert await next_chunk(frames) == PING
+        assert subscriber.ping(PING)  # the keep-alive itself counts as sent: nothing queued
+        assert subscriber.ping(PING)
         assert await next_chunk(frames) == PING
 
 
