@@ -24,8 +24,8 @@ frames queued for a connection go out in one write (`Subscriber.frames`). Lines 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, Coroutine
+from typing import Any, cast
 
 import nanoid
 from starlette.requests import Request
@@ -95,6 +95,7 @@ class SSEResponse(Response):
         self.subscriber = subscriber
         self.frames = frames
         self.writing_since = 0.0
+        self._send: Send | None = None
         self._task: asyncio.Task[Any] | None = None
         self._aborted: str | None = None
 
@@ -109,6 +110,7 @@ class SSEResponse(Response):
             await send(
                 {"type": "http.response.start", "status": 200, "headers": list(_START_HEADERS)}
             )
+            self._send = send
             reason = await self._write_all(send)
         except asyncio.CancelledError:
             if self._aborted is None:
@@ -118,6 +120,7 @@ class SSEResponse(Response):
         except OSError:  # the server reports a lost client on write (ASGI 2.4 OSError)
             reason = CLIENT
         finally:
+            self.subscriber.write_now = None
             deadlines.discard(self)
             watcher.cancel()
             await self.frames.aclose()
@@ -125,14 +128,39 @@ class SSEResponse(Response):
 
     async def _write_all(self, send: Send) -> str:
         subscriber = self.subscriber
+        write_now = self._write_now
         async for chunk in self.frames:
             self.writing_since = time.monotonic()
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             self.writing_since = 0.0
+            subscriber.write_now = write_now  # the socket took the chunk without backlog
             if subscriber.chunk_committed_at:
                 metrics.COMMIT_TO_WRITE.observe(time.time() - subscriber.chunk_committed_at)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return subscriber.close_reason or CLIENT
+
+    def _write_now(self, frame: Frame, committed_at: float) -> None:
+        """`Subscriber.write_now`: hand `frame` to the server's `send` and run it to its end
+        here, synchronously, as it ends without waiting while the socket's buffer is under its
+        high-water mark. If it waits instead (the buffer filled: the bytes are with the
+        transport, only the wait for room remains), the wait is dropped and direct writes stop
+        until the task's next write has waited for room (`_write_all`). If `send` fails (the
+        client is gone), direct writes stop and the task ends the stream."""
+        subscriber = self.subscriber
+        assert self._send is not None  # set before the first chunk, which enables this
+        message = {"type": "http.response.body", "body": frame, "more_body": True}
+        step = cast(Coroutine[Any, Any, None], self._send(message))
+        try:
+            step.send(None)
+        except StopIteration:
+            pass
+        except Exception:  # the task meets the same failure at its next write
+            subscriber.write_now = None
+        else:
+            step.close()
+            subscriber.write_now = None
+        if committed_at:
+            metrics.COMMIT_TO_WRITE.observe(time.time() - committed_at)
 
     def abort(self, reason: str) -> None:
         """End the response now with `reason` (`gateway.deadlines.Stream`): cancel its task.

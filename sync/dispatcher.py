@@ -6,7 +6,8 @@ reveals events the bus lost (Redis restarted or trimmed), which are read from Po
 it applies their access changes first, so every event is judged against the state after its
 own transaction committed (PROTOCOL.md §2), then for each event looks up the subscribers of
 its one channel (`core.channels.channel_for`), keeps those `can_receive` allows, encodes the
-frame once, and `offer`s the same bytes to each. The fan-out loop never awaits; a subscriber
+frame once, and queues the same bytes to each, flushing each subscriber once per bus read
+(`Subscriber.queue`, `Subscriber.flush`). The fan-out loop never awaits; a subscriber
 whose buffer is full is unregistered and closed as a slow consumer (PROTOCOL.md §4), as
 centrifuge's `Hub.broadcastPublication` does.
 
@@ -109,6 +110,7 @@ class Dispatcher:
         self.delivered = 0
         self.slow_consumers = 0
         self._advanced = asyncio.Event()
+        self._unflushed: list[Subscriber] = []
 
     async def start(self) -> None:
         """Begin at the outbox's current position: nothing earlier is anyone's live event."""
@@ -207,12 +209,22 @@ class Dispatcher:
         return True
 
     def dispatch(self, events: Sequence[Event]) -> None:
-        """Apply and fan out events in position order, one transaction at a time. Never awaits."""
+        """Apply and fan out events in position order, one transaction at a time. Never awaits.
+
+        Frames are queued; the subscribers given any are flushed once the current task step
+        ends (`loop.call_soon`), so all the batches of one bus read reach each socket in one
+        write (`sync.subscribers`)."""
         start = 0
         for end in range(1, len(events) + 1):
             if end == len(events) or events[end].xid != events[start].xid:
                 self._dispatch_transaction(events[start:end])
                 start = end
+
+    def flush(self) -> None:
+        """Hand every subscriber given frames since the last flush its chunk."""
+        unflushed, self._unflushed = self._unflushed, []
+        for subscriber in unflushed:
+            subscriber.flush()
 
     def _dispatch_transaction(self, events: Sequence[Event]) -> None:
         for event in events:
@@ -234,6 +246,8 @@ class Dispatcher:
         if not subscribers:
             return
         state = self.cache.state
+        unflushed = self._unflushed
+        flushing = bool(unflushed)  # a flush is already scheduled
         frame: Frame | None = None
         slow: list[Subscriber] = []
         delivered = denied = 0
@@ -245,10 +259,13 @@ class Dispatcher:
                 continue
             if frame is None:
                 frame = encode_change(event)
-            if subscriber.offer(frame, event.committed_at):
+            if subscriber.queue(frame, event.committed_at):
+                unflushed.append(subscriber)
                 delivered += 1
             else:
                 slow.append(subscriber)
+        if delivered and not flushing:
+            asyncio.get_running_loop().call_soon(self.flush)
         self.delivered += delivered
         metrics.DELIVERIES.inc(delivered)
         if denied:

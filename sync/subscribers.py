@@ -6,12 +6,19 @@ not yet accepted by the socket would pass `max_buffer_bytes` (PROTOCOL.md §4 Is
 centrifuge's `ClientQueueMaxSize`, 1 MiB). The response writes everything queued in one chunk
 per wake-up (`frames`), so a burst costs one socket write, not one per event.
 
+The dispatcher `queue`s the frames of a whole bus read, then `flush`es each subscriber once:
+when its writer is idle (parked in `frames` with nothing queued) and the response has set
+`write_now`, the chunk goes to the socket at once from the dispatcher, with no task woken;
+otherwise the writer is woken and writes it. Under load bus reads grow, and with them the
+chunks: one socket write per subscriber per read, however many events it carries. Frames reach
+the socket in the order queued either way.
+
 `StreamSubscriberManager` indexes subscribers by id, by user and by channel, with O(1)
 register, unregister, channel add/remove and lookup, and no empty entries left behind.
 """
 
 import asyncio
-from collections.abc import AsyncIterator, Collection, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 
 from core.frames import encode_close
 from core.types import ChannelKey, Frame
@@ -44,6 +51,7 @@ class Subscriber:
         "max_buffer_bytes",
         "sent_since_ping",
         "user_id",
+        "write_now",
     )
 
     def __init__(
@@ -65,6 +73,10 @@ class Subscriber:
         self._oldest_commit = 0.0
         self.chunk_committed_at = 0.0
         self.sent_since_ping = False
+        self.write_now: Callable[[Frame, float], None] | None = None
+        """Set by the response while its socket can take a write without waiting: writes
+        `frame` (of an event committed at the epoch seconds given, 0 for none) synchronously;
+        it unsets itself when the socket's buffer fills, until the writer drained it."""
 
     @property
     def buffered_bytes(self) -> int:
@@ -76,11 +88,12 @@ class Subscriber:
         """True once `close` was called."""
         return self._closed
 
-    def offer(self, frame: Frame, committed_at: float = 0.0) -> bool:
-        """Queue one or more complete SSE frames (ending in a blank line) without waiting.
+    def queue(self, frame: Frame, committed_at: float = 0.0) -> bool:
+        """Queue one or more complete SSE frames (ending in a blank line) without waiting and
+        without handing them to the writer yet: call `flush` once done queueing.
 
         `committed_at` (epoch seconds, 0 for none) is the commit time of the event the frame
-        carries; the oldest one queued becomes `chunk_committed_at` of the chunk that writes it.
+        carries; the oldest one queued becomes the commit time of the write that carries it.
         Returns False and queues nothing when the buffered bytes would exceed
         `max_buffer_bytes`; the caller then closes with reason "slow_consumer"
         (PROTOCOL.md §4 Isolation). Raises SubscriberClosed after `close`.
@@ -91,10 +104,31 @@ class Subscriber:
             return False
         if not self._queue:
             self._oldest_commit = committed_at
-            self._wake()
         self._queue.append(frame)
         self._bytes += len(frame)
         self.sent_since_ping = True
+        return True
+
+    def flush(self) -> None:
+        """Hand everything queued to the writer as one chunk: to the socket at once through
+        `write_now` when the writer is idle and one is set, else by waking the writer (a busy
+        writer takes it when its write in flight is done)."""
+        if not self._queue:
+            return
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and self.write_now and not self._closed:
+            chunk = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
+            self._queue = []
+            self._bytes = 0
+            self.write_now(chunk, self._oldest_commit)
+        else:
+            self._wake()
+
+    def offer(self, frame: Frame, committed_at: float = 0.0) -> bool:
+        """`queue`, then `flush` if it was queued; returns what `queue` returned."""
+        if not self.queue(frame, committed_at):
+            return False
+        self.flush()
         return True
 
     def ping(self, frame: Frame) -> bool:
@@ -112,10 +146,10 @@ class Subscriber:
             return False
         if not self._queue:
             self._oldest_commit = 0.0
-            self._wake()
         self._queue.append(frame)
         self._bytes += len(frame)
         self.sent_since_ping = True
+        self.flush()
         return True
 
     def close(self, reason: str, *, farewell: Frame = b"") -> None:
@@ -151,6 +185,8 @@ class Subscriber:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
+                if self._closed:
+                    return
                 self._waiter = loop.create_future()
                 try:
                     await self._waiter

@@ -490,3 +490,44 @@ async def test_a_chunk_carries_the_commit_time_of_its_oldest_event() -> None:
         subscriber.ping(PING)
         await next_chunk(frames)
         assert subscriber.chunk_committed_at == 0.0  # a keep-alive carries no event
+
+
+# Subscriber: direct writes to an idle writer
+
+
+async def settle() -> None:
+    """Let the tasks started so far run until they wait (a few loop turns)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_frame_for_an_idle_writer_goes_straight_to_write_now_in_order() -> None:
+    subscriber = Subscriber("s1", "alice", max_buffer_bytes=1024)
+    written: list[tuple[bytes, float]] = []
+    subscriber.write_now = lambda frame, committed_at: written.append((frame, committed_at))
+    async with frames_of(subscriber) as frames:
+        assert subscriber.offer(b"a\n\n", 1.0)  # the writer has not started: queued
+        assert await next_chunk(frames) == b"a\n\n"
+        waiting = asyncio.ensure_future(next_chunk(frames))
+        await settle()  # the writer parks, nothing queued
+        assert subscriber.offer(b"b\n\n", 2.0)
+        assert subscriber.offer(b"c\n\n", 3.0)
+        assert written == [(b"b\n\n", 2.0), (b"c\n\n", 3.0)]
+        assert subscriber.buffered_bytes == 0 and not waiting.done()
+        subscriber.write_now = None  # the socket is full: queue again
+        assert subscriber.offer(b"d\n\n", 4.0)
+        assert await waiting == b"d\n\n"
+        assert subscriber.chunk_committed_at == 4.0
+    assert subscriber.sent_since_ping
+
+
+async def test_frames_queued_before_a_direct_write_keep_their_order() -> None:
+    subscriber = Subscriber("s1", "alice", max_buffer_bytes=1024)
+    written: list[bytes] = []
+    subscriber.write_now = lambda frame, committed_at: written.append(frame)
+    async with frames_of(subscriber) as frames:
+        waiting = asyncio.ensure_future(next_chunk(frames))
+        await settle()
+        subscriber.close("shutdown")  # queues the close frame and wakes the writer
+        assert await waiting == encode_close("shutdown")
+    assert written == []
