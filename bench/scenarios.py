@@ -81,11 +81,11 @@ class Sizes:
 
 FULL = Sizes(
     ceiling_connections=2000,
-    ceiling_rates=(200, 800, 1600, 3200),
+    ceiling_rates=(800, 1600, 3200),
     warmup_s=2.0,
-    step_s=6.0,
+    step_s=5.0,
     idle_connections=(10_000, 19_000),
-    idle_window_s=10.0,
+    idle_window_s=6.0,
     idle_settle_s=4.0,
     broadcast_connections=2000,
     broadcast_rates=(10, 25, 50, 100, 200, 400, 800, 1600),
@@ -98,8 +98,8 @@ FULL = Sizes(
     slow_rate=40,
     slow_fraction=0.05,
     slow_body_bytes=16_384,
-    slow_base_s=8.0,
-    slow_s=16.0,
+    slow_base_s=6.0,
+    slow_s=10.0,
     scale_rates=(25, 50, 100, 200, 400),
     quiet_s=10.0,
     connect_timeout_s=20.0,
@@ -161,6 +161,15 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_cpus(text: str) -> set[int]:
+    """A `taskset -c` list (`1`, `0,1`, `0-1`) as a set of cpu numbers; ValueError if bad."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
 
 
 # --- /proc readings ---------------------------------------------------------------------------
@@ -770,6 +779,8 @@ TARGETED_COLUMNS = [
     ("p50_ms", "p50 ms"),
     ("p99_ms", "p99 ms"),
     ("max_ms", "max ms"),
+    ("own_p50_ms", "own p50 ms"),
+    ("own_p99_ms", "own p99 ms"),
     ("server_cpu", "srv cpu s/s"),
     ("peak_rss_mib", "peak RSS MiB"),
     ("verdict", "verdict"),
@@ -788,10 +799,16 @@ async def targeted(ctx: Context) -> Report:
             step = Step("targeted", sizes.targeted_rate, n, sizes.warmup_s, sizes.targeted_s)
             row = await publish_run(ctx, target, target.paths(n, "targeted"), step)
             row["verdict"] = judge(row, float(sizes.targeted_rate))
+            row["own_p50_ms"] = await own_latency_ms(target, 0.5)
+            row["own_p99_ms"] = await own_latency_ms(target, 0.99)
             return [row]
 
         report.rows += await on_target(ctx, name, Setup(n, "targeted"), body)
-    report.notes.append("each event names one user; expected deliveries/s = events/s")
+    report.notes.append(
+        "each event names one user; expected deliveries/s = events/s; `own p50/p99` = bucket"
+        " bound of the gateway's own commit-to-write histogram (userstream only: outbox commit"
+        " to socket write, without the client's side)"
+    )
     return report
 
 
@@ -875,6 +892,29 @@ async def own_count(target: Target, suffix: str) -> float | None:
     return sum(v for k, v in (await counters()).items() if k.split("{")[0].endswith(suffix))
 
 
+async def own_latency_ms(target: Target, quantile: float) -> float | None:
+    """The upper bound (ms) of the bucket holding `quantile` of the target's own
+    commit-to-write histogram (userstream `userstream_commit_to_write_seconds`: outbox commit
+    to the socket write, measured in the gateway); None for targets without it or with no
+    samples. Bucket bounds make it coarse: 1, 2.5, 5, 10, 25 ms, ..."""
+    counters: Callable[[], Awaitable[dict[str, float]]] | None = getattr(
+        target, "server_counters", None
+    )
+    if counters is None:
+        return None
+    samples = await counters()
+    prefix = 'userstream_commit_to_write_seconds_bucket{le="'
+    buckets = sorted(
+        (float(name[len(prefix) : -2]), count)
+        for name, count in samples.items()
+        if name.startswith(prefix)
+    )
+    total = buckets[-1][1] if buckets else 0.0
+    if not total:
+        return None
+    return next(bound * 1e3 for bound, count in buckets if count >= quantile * total)
+
+
 async def slow(ctx: Context) -> Report:
     """Broadcast at `slow_rate` of `slow_body_bytes` events, without and then with
     `slow_fraction` slow consumers (connections that stop reading once ready), each on a fresh
@@ -916,20 +956,30 @@ async def slow(ctx: Context) -> Report:
 
 
 async def scale(ctx: Context) -> Report:
-    """userstream broadcast with `--workers 2` against 1, both pinned to every cpu."""
+    """userstream broadcast with `--workers 2` against 1, both pinned to the server cpus when
+    `--server-cpu` names two or more, else to every cpu (sharing them with the client)."""
     report = Report([("workers", "workers"), *LADDER_COLUMNS])
     n = ctx.sizes.broadcast_connections
-    cpus = ",".join(str(c) for c in range(os.cpu_count() or 1))
+    if len(parse_cpus(ctx.server_cpu)) >= 2:
+        cpus = ctx.server_cpu
+    else:
+        cpus = ",".join(str(c) for c in range(os.cpu_count() or 1))
     for workers in (1, 2):
         setup = Setup(n, "broadcast", workers=workers, cpu=cpus)
         rows = await broadcast_ladder(ctx, "userstream", ctx.sizes.scale_rates, n, setup)
         report.rows += [{**row, "workers": workers} for row in rows]
     report.summary["max_sustained_rate"] = max_sustained(report.rows)
+    shared = parse_cpus(cpus) & parse_cpus(ctx.client_cpu)
     report.notes.append(
         f"server pinned to cpus {cpus} in both runs (the machine has {os.cpu_count()}), so the"
-        f" only difference is the worker count; the load client (cpu {ctx.client_cpu}), the"
-        " publisher and the relay share a core with the server here, so these figures are"
-        " below what two dedicated cores would give"
+        " only difference is the worker count"
+        + (
+            f"; the load client, the publisher and the relay share cpu {ctx.client_cpu} with"
+            " the server, so this measures contention more than a second worker (give"
+            " --server-cpu two cpus of its own)"
+            if shared
+            else ""
+        )
     )
     return report
 

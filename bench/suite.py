@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.suite [SCENARIO ...] [--targets userstream,nchan,plain]
                                     [--quick] [--out bench/results.json]
+    .venv/bin/python -m bench.suite --markdown bench/results.json    (tables of a saved run)
 
 Scenarios (default: all, in this order): `ceiling` (the load client's own limit against the
 trivial C server `bench/client/sseserve`), `idle` (RSS per connection, CPU at rest), `broadcast`
@@ -34,22 +35,25 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadclient
-from bench.scenarios import FULL, QUICK, SCENARIOS, Context, Report
+from bench.scenarios import (
+    FULL,
+    IDLE_COLUMNS,
+    LADDER_COLUMNS,
+    QUICK,
+    SCENARIOS,
+    SLOW_COLUMNS,
+    STORM_COLUMNS,
+    TARGETED_COLUMNS,
+    Context,
+    Report,
+    parse_cpus,
+)
 from bench.targets import Target
 from bench.targets.userstream import UserstreamTarget
 from tests.services import PgServer, postgres_server, redis_server
 
 TARGETS = ("userstream", "nchan", "plain")
 CLASSES = {"nchan": "NchanTarget", "plain": "PlainTarget"}
-
-
-def parse_cpus(text: str) -> set[int]:
-    """A `taskset -c` list (`1`, `0,1`, `0-1`) as a set of cpu numbers; ValueError if bad."""
-    cpus: set[int] = set()
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        cpus.update(range(int(low), int(high or low) + 1))
-    return cpus
 
 
 def target_factory(
@@ -101,6 +105,37 @@ def table(report: Report) -> str:
     lines.extend(errors)
     lines.extend(f"  note: {note}" for note in report.notes)
     return "\n".join(lines)
+
+
+COLUMNS = {
+    "ceiling": LADDER_COLUMNS,
+    "idle": IDLE_COLUMNS,
+    "broadcast": LADDER_COLUMNS,
+    "targeted": TARGETED_COLUMNS,
+    "connect-storm": STORM_COLUMNS,
+    "slow": SLOW_COLUMNS,
+    "scale": [("workers", "workers"), *LADDER_COLUMNS],
+}
+"""Each scenario's columns, as it prints them."""
+
+
+def markdown(path: Path) -> str:
+    """The scenarios of a saved run (`--out` JSON) as Markdown tables, for bench/RESULTS.md."""
+    document = json.loads(path.read_text())
+    parts = []
+    for name, saved in document["scenarios"].items():
+        columns = COLUMNS[name]
+        parts.append(f"### {name}\n")
+        parts.append("| " + " | ".join(header for _, header in columns) + " |")
+        parts.append("|" + "---|" * len(columns))
+        for row in saved["rows"]:
+            if "error" in row:
+                parts.append(f"| {row.get('target', '?')} | error: {row['error']} |")
+                continue
+            parts.append("| " + " | ".join(cell(row.get(key)) for key, _ in columns) + " |")
+        parts.extend(f"\n{note}" for note in saved["notes"])
+        parts.append("")
+    return "\n".join(parts)
 
 
 def machine() -> dict[str, Any]:
@@ -186,6 +221,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="sseload processes in `idle`, each from its own source IP 127.0.0.<k>",
     )
     parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="JSON",
+        help="print the tables of a saved run (an --out file) as Markdown, and run nothing",
+    )
+    parser.add_argument(
         "--userstream-from",
         type=Path,
         metavar="DIR",
@@ -208,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Pin this process to the client cpu, raise the open-file limit to its hard limit (the
     servers started from here inherit it), build the C client, run."""
     args = parse_args(argv)
+    if args.markdown:
+        print(markdown(args.markdown))
+        return
     os.sched_setaffinity(0, parse_cpus(args.client_cpu))
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

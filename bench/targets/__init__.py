@@ -62,3 +62,22 @@ class Target(Protocol):
     async def stop(self) -> None:
         """Stop the server and everything `start` started."""
         ...
+
+
+class ChannelServer:
+    """What the two baselines share: a listener on 127.0.0.1 (`_port` set by `start`) and one
+    subscribe path per channel, `/sub/ws1` for every connection of a broadcast and `/sub/u<i>`
+    for connection i of a targeted run."""
+
+    _host = "127.0.0.1"
+    _port = 0
+
+    def host_port(self) -> tuple[str, int]:
+        """`("127.0.0.1", port)` of the listener."""
+        return self._host, self._port
+
+    def paths(self, users: int, scope: Scope) -> list[str]:
+        """`/sub/ws1` for every connection (broadcast) or `/sub/u<i>` (targeted)."""
+        if scope == "broadcast":
+            return ["/sub/ws1"] * users
+        return [f"/sub/u{i}" for i in range(users)]

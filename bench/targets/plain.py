@@ -22,8 +22,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from bench.targets import Scope
-from bench.targets.nchan import PinnedProcess, wait_until_serving
+from bench.targets import ChannelServer, Scope
+from bench.targets.processes import PinnedProcess, wait_until_serving
 from tests.services import RedisProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ async def _redis_answers(url: str) -> bool:
         await client.aclose()
 
 
-class PlainTarget:
+class PlainTarget(ChannelServer):
     """`bench.targets.plain_app` under uvicorn, as the `Target` protocol of `bench.targets`.
 
     `ready_marker` is the `: connected` comment the app sends once Redis has confirmed the
@@ -54,8 +54,6 @@ class PlainTarget:
 
     def __init__(self, redis_url: str | None = None) -> None:
         self._redis_url = redis_url or os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL)
-        self._host = "127.0.0.1"
-        self._port = 0
         self._prefix = ""
         self._dir: Path | None = None
         self._server: PinnedProcess | None = None
@@ -100,16 +98,6 @@ class PlainTarget:
         except RuntimeError:
             await self.stop()
             raise
-
-    def host_port(self) -> tuple[str, int]:
-        """`("127.0.0.1", port)` of the uvicorn listener."""
-        return self._host, self._port
-
-    def paths(self, users: int, scope: Scope) -> list[str]:
-        """`/sub/ws1` for every connection (broadcast) or `/sub/u<i>` (targeted)."""
-        if scope == "broadcast":
-            return ["/sub/ws1"] * users
-        return [f"/sub/u{i}" for i in range(users)]
 
     async def publish(self, scope: Scope, bodies: list[tuple[int, bytes]]) -> None:
         """PUBLISH each body to `<prefix>ws1` or `<prefix>u<i>` in one pipeline. Raises

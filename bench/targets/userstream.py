@@ -32,6 +32,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from bench.targets import Scope
+from bench.targets.processes import descendants
 from core.publish import OutboxEvent, publish_many
 from core.schema.migrations import migrate
 from tests.services import PgServer, free_port
@@ -40,23 +41,6 @@ JWT_SECRET = "bench-secret-that-is-long-enough-for-hs256"
 TOKEN_TTL_S = 7 * 86_400
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
-
-
-def child_pids(pid: int) -> list[int]:
-    """Every descendant of `pid` (children first, then theirs), from
-    `/proc/<pid>/task/<tid>/children` (Linux >= 3.5, proc(5)); [] once `pid` is gone."""
-    found: list[int] = []
-    queue = [pid]
-    while queue:
-        parent = queue.pop(0)
-        tasks = Path(f"/proc/{parent}/task")
-        with contextlib.suppress(OSError):
-            for task in tasks.iterdir():
-                with contextlib.suppress(OSError):
-                    for child in (task / "children").read_text().split():
-                        found.append(int(child))
-                        queue.append(int(child))
-    return found
 
 
 class UserstreamTarget:
@@ -255,7 +239,7 @@ class UserstreamTarget:
         """The `serve` process and its descendants (uvicorn's worker processes)."""
         if self._serve is None or self._serve.poll() is not None:
             return []
-        return [self._serve.pid, *child_pids(self._serve.pid)]
+        return [self._serve.pid, *descendants(self._serve.pid)]
 
     async def stop(self) -> None:
         """SIGTERM the gateway and the relay (SIGKILL after 15 s), drop the database, delete the

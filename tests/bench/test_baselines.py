@@ -24,8 +24,9 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from bench.targets import Scope, Target, payload
-from bench.targets.nchan import NchanTarget, alive, nchan_missing
+from bench.targets.nchan import NchanTarget, nchan_missing
 from bench.targets.plain import PlainTarget
+from bench.targets.processes import alive
 
 CPUS = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
 USERS = 3
