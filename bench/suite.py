@@ -13,7 +13,8 @@ measuring); the default run takes about 10 minutes.
 
 Pinning: every server `taskset -c <--server-cpu>` (default 0); the load client `sseload`, the
 publisher (this process, pinned with `sched_setaffinity`) and userstream's relay on
-`--client-cpu` (default 1). Postgres and Redis are the machine's own services, not pinned.
+`--client-cpu` (default 1; the relay on `--relay-cpu` if given). Postgres and Redis are the
+machine's own services, not pinned.
 Each scenario prints a table; all figures go to `--out` as JSON (rewritten after every
 scenario, so an interrupted run keeps what it measured).
 """
@@ -56,15 +57,13 @@ TARGETS = ("userstream", "nchan", "plain")
 CLASSES = {"nchan": "NchanTarget", "plain": "PlainTarget"}
 
 
-def target_factory(
-    pg: PgServer, redis_url: str, client_cpu: str, source: Path | None = None
-) -> Any:
+def target_factory(pg: PgServer, redis_url: str, relay_cpu: str, source: Path | None = None) -> Any:
     """`make_target(name)`: a new, not started target. The baselines are imported when first
     asked for, so a missing one fails only its own rows (ImportError, AttributeError)."""
 
     def make_target(name: str) -> Target:
         if name == "userstream":
-            return UserstreamTarget(pg, redis_url, relay_cpu=client_cpu, source=source)
+            return UserstreamTarget(pg, redis_url, relay_cpu=relay_cpu, source=source)
         if name not in CLASSES:
             raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
         cls = getattr(importlib.import_module(f"bench.targets.{name}"), CLASSES[name])
@@ -208,6 +207,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     parser.add_argument("--server-cpu", default="0", help="taskset -c list for servers")
     parser.add_argument("--client-cpu", default="1", help="cpu of client and publisher")
+    parser.add_argument("--relay-cpu", help="cpu of userstream's relay (default: --client-cpu)")
     parser.add_argument(
         "--idle-connections",
         help="comma-separated counts for `idle` (default 10000,19000; quick 500); above about"
@@ -269,7 +269,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             server_cpu=args.server_cpu,
             client_cpu=args.client_cpu,
             targets=args.targets,
-            make_target=target_factory(pg, redis_url, args.client_cpu, args.userstream_from),
+            make_target=target_factory(
+                pg, redis_url, args.relay_cpu or args.client_cpu, args.userstream_from
+            ),
             idle_connections=idle_counts,
             idle_workers=args.idle_workers,
             client_processes=args.client_processes,
