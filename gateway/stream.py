@@ -5,8 +5,8 @@ The response is `SSEResponse`, a bare ASGI streamer, rather than sse-starlette's
 waits for `http.disconnect`, where sse-starlette runs an anyio task group of four more per
 connection (FIELD-NOTES §1; measured in bench/RESULTS.md, "Per-connection cost"). What
 sse-starlette did per connection is done once per process instead:
-- keep-alive: `Dispatcher.ping_idle` queues `: ping` to every stream idle for a whole interval
-  (`Runtime` calls it every `keepalive_s`), not a timer per connection;
+- keep-alive: `Dispatcher.ping_idle` queues `: ping` to every stream sent nothing since its
+  previous pass (`Runtime` calls it every half `keepalive_s`), not a timer per connection;
 - shutdown: `gateway.shutdown.Drain` closes every stream with `event: close` (shutdown);
 - send timeout and token expiry: `gateway.deadlines.Deadlines`, one sweep a second.
 
