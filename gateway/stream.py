@@ -116,7 +116,9 @@ class SSEResponse(Response):
             if self._aborted is None:
                 raise
             task.uncancel()
-            reason = self._aborted
+            # A stream already ended on purpose (its close frame stuck behind a full socket)
+            # keeps that reason: it was cut, the abort only dropped the connection.
+            reason = self.subscriber.close_reason or self._aborted
         except OSError:  # the server reports a lost client on write (ASGI 2.4 OSError)
             reason = CLIENT
         finally:

@@ -95,13 +95,16 @@ class Subscriber:
         `committed_at` (epoch seconds, 0 for none) is the commit time of the event the frame
         carries; the oldest one queued becomes the commit time of the write that carries it.
         Returns False and queues nothing when the buffered bytes would exceed
-        `max_buffer_bytes`; the caller then closes with reason "slow_consumer"
-        (PROTOCOL.md §4 Isolation). Raises SubscriberClosed after `close`.
+        `max_buffer_bytes` even after a `flush` (which empties the queue into an idle writer's
+        socket); the caller then closes with reason "slow_consumer" (PROTOCOL.md §4
+        Isolation). Raises SubscriberClosed after `close`.
         """
         if self._closed:
             raise SubscriberClosed(f"subscriber {self.id} is closed ({self.close_reason})")
         if self._bytes + self._inflight + len(frame) > self.max_buffer_bytes:
-            return False
+            self.flush()  # an idle writer takes what is queued at once, making room
+            if self._bytes + self._inflight + len(frame) > self.max_buffer_bytes:
+                return False
         if not self._queue:
             self._oldest_commit = committed_at
         self._queue.append(frame)

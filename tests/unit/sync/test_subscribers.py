@@ -531,3 +531,22 @@ async def test_frames_queued_before_a_direct_write_keep_their_order() -> None:
         subscriber.close("shutdown")  # queues the close frame and wakes the writer
         assert await waiting == encode_close("shutdown")
     assert written == []
+
+
+async def test_a_full_buffer_is_first_handed_to_an_idle_writer() -> None:
+    subscriber = Subscriber("s1", "alice", max_buffer_bytes=2 * len(FRAME))
+    written: list[bytes] = []
+    subscriber.write_now = lambda frame, committed_at: written.append(frame)
+    async with frames_of(subscriber) as frames:
+        waiting = asyncio.ensure_future(next_chunk(frames))
+        await settle()
+        assert subscriber.queue(FRAME) and subscriber.queue(FRAME)  # queued, not yet flushed
+        assert written == []
+        assert subscriber.queue(FRAME)  # full: the two queued go to the socket first
+        assert written == [FRAME + FRAME] and subscriber.buffered_bytes == len(FRAME)
+        subscriber.write_now = None  # a busy writer: a full buffer is a slow consumer
+        assert subscriber.queue(FRAME)
+        assert not subscriber.queue(FRAME)
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
