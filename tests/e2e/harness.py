@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import httpx
 import jwt
 import orjson
 from httpx_sse import ServerSentEvent, aconnect_sse
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.services import free_port
 
@@ -161,3 +162,32 @@ class StreamClient:
 def bearer(user_id: str, **claims: Any) -> dict[str, str]:
     """`Authorization: Bearer` headers for `user_id`."""
     return {"Authorization": f"Bearer {token(user_id, **claims)}"}
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+"""Prometheus samples by (name, sorted labels)."""
+
+
+async def scrape(url: str) -> Samples:
+    """Every sample of the Prometheus text exposition at `url` (a `/metrics` URL)."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(url)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 15
+) -> None:
+    """Poll the coroutine function `check` every 50 ms until it returns true; AssertionError
+    naming `what` after `timeout_s` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)

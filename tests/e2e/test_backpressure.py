@@ -17,9 +17,8 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from core.publish import publish_many
-from tests.e2e.harness import Processes, StreamClient, bearer, token
+from tests.e2e.harness import Processes, StreamClient, bearer, eventually, scrape, token
 from tests.e2e.sequence import seed
-from tests.e2e.test_operations import eventually, scrape
 from tests.factories import stream_message
 
 EVENTS = 300

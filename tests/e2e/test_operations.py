@@ -7,49 +7,19 @@ public, `secret` private with alice only.
 """
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import httpx
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 
 from core.publish import OutboxEvent, publish, publish_many
-from tests.e2e.harness import Processes, StreamClient, bearer, token
+from tests.e2e.harness import Processes, StreamClient, bearer, eventually, scrape, token
 from tests.e2e.sequence import seed
 from tests.factories import stream_message
 from tests.services import PgServer, free_port
 
 ADMIN_TOKEN = "admin-secret-for-tests"
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a Prometheus text exposition, by (name, sorted labels)."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with httpx.AsyncClient(timeout=5) as client:
-        response = await client.get(url)
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain")
-    return samples(response.text)
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 15
-) -> None:
-    """Poll the coroutine function `check` every 50 ms until it returns true."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def known_workload(db: asyncpg.Connection) -> None:

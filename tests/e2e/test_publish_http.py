@@ -6,16 +6,15 @@ World (`tests.e2e.sequence.seed`): workspace `w1` with alice and bob active; `ge
 """
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.harness import Processes, StreamClient, bearer
+from tests.e2e.harness import Processes, StreamClient, bearer, eventually, scrape
 from tests.e2e.sequence import WAIT_S, seed
 from tests.services import PgServer
 
@@ -69,26 +68,13 @@ async def publish_metrics(url: str) -> dict[str, float]:
     """The publish counters of the gateway at `url` from its `/metrics`: each
     `userstream_publish_requests_total` sample keyed by its status, and
     `userstream_published_events_total` keyed "events"."""
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-        response = await client.get("/metrics")
-    assert response.status_code == 200, response.text
     counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name == "userstream_publish_requests_total":
-                counts[sample.labels["status"]] = sample.value
-            elif sample.name == "userstream_published_events_total":
-                counts["events"] = sample.value
+    for (name, labels), value in (await scrape(f"{url}/metrics")).items():
+        if name == "userstream_publish_requests_total":
+            counts[dict(labels)["status"]] = value
+        elif name == "userstream_published_events_total":
+            counts["events"] = value
     return counts
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll the coroutine function `check` every 50 ms until it returns true (WAIT_S at most)."""
-    deadline = asyncio.get_running_loop().time() + WAIT_S
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_published_event_reaches_the_streams_of_those_who_may_see_it(
@@ -359,7 +345,9 @@ async def test_postgres_outage_gets_503_with_retry_after(
             async def accepted() -> bool:
                 return (await publish(client, message("m2"))).status_code == 202
 
-            await eventually(accepted, "a publish after Postgres accepts connections again")
+            await eventually(
+                accepted, "a publish after Postgres accepts connections again", timeout_s=WAIT_S
+            )
     finally:
         await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
         await admin.close()
