@@ -20,6 +20,7 @@ from types import FrameType
 
 import asyncpg
 import uvicorn
+import uvloop
 
 from core.schema.migrations import migrate
 from gateway.admin import serve_metrics
@@ -134,7 +135,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             "REDIS_URL is not set: a relay process publishes to Redis, where gateways read"
             " (for one process without Redis: userstream serve --with-relay)"
         )
-    asyncio.run(_migrate(settings) if args.command == "migrate" else _relay(settings))
+    if args.command == "migrate":
+        asyncio.run(_migrate(settings))
+    else:
+        uvloop.run(_relay(settings))  # the gateway's loop too (uvicorn picks uvloop)
 
 
 def _admin(admin: bool) -> dict[str, str]:
