@@ -13,8 +13,9 @@ On SIGTERM the process stops in uvicorn's order (STYLE.md §7), without a gap fo
    random instant in each of `n` equal slices of the window, so their reconnects reach the
    other replicas at an even rate instead of all at once (FIELD-NOTES §2 "Reconnect storms").
    Until its turn a stream stays live: the dispatcher runs until the lifespan shutdown.
-4. A response ends once its close frame is written, or `send_timeout_s` after its socket
-   stopped accepting (a client that stopped reading).
+4. A response ends once its close frame is written, or `send_timeout_s` (plus at most the
+   one-second sweep of `gateway.deadlines`) after its socket stopped accepting (a client that
+   stopped reading); `SHUTDOWN_MARGIN_S` covers the sweep.
 5. With every connection closed, uvicorn runs the lifespan shutdown (`Runtime.close`: tasks,
    bus, pool), then re-raises the SIGTERM it caught; `userstream serve` exits with status 0.
    Its `timeout_graceful_shutdown` is `server_shutdown_timeout_s`, longer than all of the above.
