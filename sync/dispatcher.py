@@ -110,7 +110,8 @@ class Dispatcher:
         self.delivered = 0
         self.slow_consumers = 0
         self._advanced = asyncio.Event()
-        self._unflushed: list[Subscriber] = []
+        self._unflushed: dict[Subscriber, None] = {}
+        """Subscribers given frames since the last flush, each once (an ordered set)."""
 
     async def start(self) -> None:
         """Begin at the outbox's current position: nothing earlier is anyone's live event."""
@@ -222,7 +223,7 @@ class Dispatcher:
 
     def flush(self) -> None:
         """Hand every subscriber given frames since the last flush its chunk."""
-        unflushed, self._unflushed = self._unflushed, []
+        unflushed, self._unflushed = self._unflushed, {}
         for subscriber in unflushed:
             subscriber.flush()
 
@@ -260,7 +261,7 @@ class Dispatcher:
             if frame is None:
                 frame = encode_change(event)
             if subscriber.queue(frame, event.committed_at):
-                unflushed.append(subscriber)
+                unflushed[subscriber] = None
                 delivered += 1
             else:
                 slow.append(subscriber)
