@@ -5,7 +5,7 @@
 also serves them on that port, away from public traffic.
 
 `/admin/status` answers `Authorization: Bearer <USERSTREAM_ADMIN_TOKEN>` (compared in constant
-time by `gateway.auth.bearer_matches`) with every replica's view as last reported to the bus
+time by `gateway.auth.static_token_refusal`) with every replica's view as last reported to the bus
 (`Runtime.report`: connections, users and connections per workspace), this replica's view now,
 the relay's position and lag (from Postgres) and the bus's health. Without a configured token
 the endpoint is off (404); a missing or wrong token gets 401. Both answers are RFC 9457
@@ -21,8 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from core.cursors import format_cursor
-from gateway.auth import bearer_matches
-from gateway.problems import problem
+from gateway.auth import static_token_refusal
 from gateway.runtime import Runtime
 from sync.faults import SERVICE_FAULTS
 from sync.relay import relay_lag
@@ -57,11 +56,9 @@ async def admin_status(request: Request) -> Response:
     """200 `{"replica", "replicas": [...], "relay": {...}, "bus": "ok"|"unavailable"}`; 404
     when no admin token is configured; 401 without the right Bearer token."""
     runtime: Runtime = request.app.state.runtime
-    expected = runtime.settings.admin_token
-    if expected is None:
-        return problem(404, "the admin endpoint is off: USERSTREAM_ADMIN_TOKEN is not set")
-    if not bearer_matches(request, expected):
-        return problem(401, "admin token missing or wrong", headers={"WWW-Authenticate": "Bearer"})
+    refused = static_token_refusal(request, runtime.settings.admin_token, "admin")
+    if refused is not None:
+        return refused
     return JSONResponse(
         {
             "replica": runtime.replica,

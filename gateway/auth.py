@@ -8,7 +8,7 @@ Tokens must carry `sub` and `exp`. HS256 with a shared secret, or RS256/ES256 wi
 public key (PyJWT).
 
 Operators and services present static tokens instead (`USERSTREAM_ADMIN_TOKEN` for
-`/admin/status`, `USERSTREAM_PUBLISH_TOKEN` for `/publish`), checked by `bearer_matches`.
+`/admin/status`, `USERSTREAM_PUBLISH_TOKEN` for `/publish`), checked by `static_token_refusal`.
 """
 
 import hmac
@@ -19,7 +19,9 @@ from typing import Any
 import jwt
 from pydantic import SecretStr
 from starlette.requests import Request
+from starlette.responses import Response
 
+from gateway.problems import problem
 from gateway.settings import Settings
 
 COOKIE_NAME = "userstream_token"
@@ -112,10 +114,18 @@ def _credential(request: Request) -> str:
     )
 
 
-def bearer_matches(request: Request, secret: SecretStr) -> bool:
-    """True when the request's `Authorization` header is `Bearer <secret>`: the scheme
-    case-insensitive (RFC 9110 §11.1), the token compared in constant time
-    (`hmac.compare_digest`) so response times do not reveal how much of it matched."""
+def static_token_refusal(request: Request, token: SecretStr | None, what: str) -> Response | None:
+    """None when the request carries `Authorization: Bearer <token>`; else the answer of the
+    `what` endpoint ("admin", "publish"), guarded by the static token of the setting
+    `USERSTREAM_<WHAT>_TOKEN`: 404 (the endpoint is off) while `token` is unset, 401 with
+    `WWW-Authenticate: Bearer` otherwise. The scheme is case-insensitive (RFC 9110 §11.1)
+    and the token compared in constant time (`hmac.compare_digest`), so response times do
+    not reveal how much of it matched."""
+    if token is None:
+        setting = f"USERSTREAM_{what.upper()}_TOKEN"
+        return problem(404, f"the {what} endpoint is off: {setting} is not set")
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    expected = secret.get_secret_value().encode()
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
+    expected = token.get_secret_value().encode()
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected):
+        return None
+    return problem(401, f"{what} token missing or wrong", headers={"WWW-Authenticate": "Bearer"})

@@ -13,7 +13,7 @@ Answers (errors are RFC 9457 problems):
   The ids are outbox row ids in request order, not cursors (a cursor is drawn at commit).
 - 404 without `USERSTREAM_PUBLISH_TOKEN` (the endpoint is off); 401, with
   `WWW-Authenticate: Bearer`, when `Authorization: Bearer <token>` is missing or wrong
-  (compared in constant time by `gateway.auth.bearer_matches`, as for `/admin/status`).
+  (`gateway.auth.static_token_refusal`, as for `/admin/status`).
 - 400 for a body that is not JSON, not an object whose only member is an `events` array, or
   whose array is empty.
 - 413 for a body over `publish_max_bytes` (by `Content-Length` before reading, else counted
@@ -45,10 +45,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from core.publish import InvalidEvent, OutboxEvent, publish_many
-from gateway.auth import bearer_matches
+from gateway.auth import static_token_refusal
 from gateway.problems import problem
 from gateway.runtime import Runtime
-from gateway.settings import Settings
 from sync import metrics
 from sync.faults import SERVICE_FAULTS
 
@@ -83,73 +82,65 @@ async def publish_events(request: Request) -> Response:
     return response
 
 
+class _Refused(Exception):
+    """Ends `_answer` early with `response` (a problem answer)."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
 async def _answer(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
-    refused = _authorize(request, settings)
+    refused = static_token_refusal(request, settings.publish_token, "publish")
     if refused is not None:
         return refused
-    body = await _read_body(request, settings.publish_max_bytes)
-    if isinstance(body, Response):
-        return body
-    items = _parse(body, settings.publish_max_events)
-    if isinstance(items, Response):
-        return items
-    events = _decode_all(items)
-    if isinstance(events, Response):
-        return events
+    try:
+        body = await _read_body(request, settings.publish_max_bytes)
+        events = _decode_all(_parse(body, settings.publish_max_events))
+    except _Refused as refusal:
+        return refusal.response
     return await _insert(runtime, events)
 
 
-def _authorize(request: Request, settings: Settings) -> Response | None:
-    """None when the request carries the publish token; else the 404 or 401 answer."""
-    expected = settings.publish_token
-    if expected is None:
-        return problem(404, "the publish endpoint is off: USERSTREAM_PUBLISH_TOKEN is not set")
-    if not bearer_matches(request, expected):
-        return problem(
-            401, "publish token missing or wrong", headers={"WWW-Authenticate": "Bearer"}
-        )
-    return None
-
-
-def _too_large(detail: str) -> Response:
-    return problem(413, detail)
-
-
-async def _read_body(request: Request, max_bytes: int) -> bytes | Response:
-    """The body, or 413 as soon as its declared or received length passes `max_bytes`."""
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The body. Raises `_Refused` with 413 as soon as its declared or received length passes
+    `max_bytes`, with 400 when the client goes away before sending it all."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        return _too_large(f"the body is {declared} bytes; the limit is {max_bytes} bytes")
+        raise _Refused(
+            problem(413, f"the body is {declared} bytes; the limit is {max_bytes} bytes")
+        )
     chunks: list[bytes] = []
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_bytes:
-                return _too_large(f"the body passed the limit of {max_bytes} bytes")
+                raise _Refused(problem(413, f"the body passed the limit of {max_bytes} bytes"))
             chunks.append(chunk)
     except ClientDisconnect:
-        return problem(400, "the client went away before sending the whole body")
+        raise _Refused(problem(400, "the client went away before sending the whole body")) from None
     return b"".join(chunks)
 
 
-def _parse(body: bytes, max_events: int) -> list[Any] | Response:
-    """The `events` array of a `{"events": [...]}` body, or the 400 or 413 answer."""
+def _parse(body: bytes, max_events: int) -> list[Any]:
+    """The `events` array of a `{"events": [...]}` body. Raises `_Refused` with 400 or 413."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        return problem(400, f"the body is not JSON: {exc}")
+        raise _Refused(problem(400, f"the body is not JSON: {exc}")) from None
     if not isinstance(document, dict) or set(document) != {"events"}:
-        return problem(400, 'the body must be a JSON object with one member, "events"')
+        raise _Refused(problem(400, 'the body must be a JSON object with one member, "events"'))
     items = document["events"]
     if not isinstance(items, list):
-        return problem(400, f'"events" must be an array, got {type(items).__name__}')
+        raise _Refused(problem(400, f'"events" must be an array, got {type(items).__name__}'))
     if not items:
-        return problem(400, '"events" is empty; send at least one event')
+        raise _Refused(problem(400, '"events" is empty; send at least one event'))
     if len(items) > max_events:
-        return _too_large(f"{len(items)} events; the limit is {max_events} per request")
+        detail = f"{len(items)} events; the limit is {max_events} per request"
+        raise _Refused(problem(413, detail))
     return items
 
 
@@ -173,8 +164,9 @@ def decode_event(item: object) -> OutboxEvent:
     return event
 
 
-def _decode_all(items: list[Any]) -> list[OutboxEvent] | Response:
-    """Every item decoded, or a 422 naming each invalid one by its index."""
+def _decode_all(items: list[Any]) -> list[OutboxEvent]:
+    """Every item decoded. Raises `_Refused` with a 422 naming each invalid one by its index
+    (RFC 9110 §15.5.21, with the extension member `errors`)."""
     events: list[OutboxEvent] = []
     errors: list[dict[str, object]] = []
     for index, item in enumerate(items):
@@ -184,13 +176,8 @@ def _decode_all(items: list[Any]) -> list[OutboxEvent] | Response:
             errors.append({"index": index, "detail": str(exc)})
     if errors:
         detail = f"{len(errors)} of {len(items)} events are invalid; nothing was published"
-        return _unprocessable(detail, errors)
+        raise _Refused(problem(422, detail, extensions={"errors": errors}))
     return events
-
-
-def _unprocessable(detail: str, errors: list[dict[str, object]]) -> Response:
-    """A 422 problem (RFC 9110 §15.5.21) with the extension member `errors`."""
-    return problem(422, detail, extensions={"errors": errors})
 
 
 async def _insert(runtime: Runtime, events: list[OutboxEvent]) -> Response:
@@ -203,7 +190,8 @@ async def _insert(runtime: Runtime, events: list[OutboxEvent]) -> Response:
         ):
             ids = await publish_many(conn, events)
     except _REFUSED_DATA as exc:
-        return _unprocessable(f"Postgres refused the events; nothing was published: {exc}", [])
+        detail = f"Postgres refused the events; nothing was published: {exc}"
+        return problem(422, detail, extensions={"errors": []})
     except SERVICE_FAULTS as exc:
         logger.warning("publish of %d events failed: postgres unavailable: %r", len(events), exc)
         return problem(
