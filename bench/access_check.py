@@ -16,7 +16,7 @@ climbs three parents), and a workspace-only event. Measured for both states:
 
 - (a) `core.access.can_receive` per (event, connected `w0` user) pair, in ns;
 - (b) `Dispatcher.dispatch` of a batch, per delivered frame, in ns (routing, access checks,
-  encoding once per event, `Subscriber.offer`);
+  encoding once per event, `Subscriber.queue`; the flush after it is not timed);
 - the memory allocated to build the access state (`tracemalloc`), in MiB.
 
 The baseline is the `--small` state measured in the same invocation: the runs alternate between

@@ -1,7 +1,7 @@
 """Connected subscribers: each one's bounded send buffer, and the index of them by channel.
 
 A `Subscriber` is one `/me/stream` connection. The dispatcher hands it complete SSE frames
-with `offer`, which never waits: it queues bytes, or refuses them when the bytes queued and
+with `queue`, which never waits: it queues bytes, or refuses them when the bytes queued and
 not yet accepted by the socket would pass `max_buffer_bytes` (PROTOCOL.md §4 Isolation;
 centrifuge's `ClientQueueMaxSize`, 1 MiB). The response writes everything queued in one chunk
 per wake-up (`frames`), so a burst costs one socket write, not one per event.
@@ -25,7 +25,7 @@ from core.types import ChannelKey, Frame
 
 
 class SubscriberClosed(RuntimeError):
-    """`offer` was called on a subscriber after `close`."""
+    """`queue` was called on a subscriber after `close`."""
 
 
 class Subscriber:
@@ -126,13 +126,6 @@ class Subscriber:
             self.write_now(chunk, self._oldest_commit)
         else:
             self._wake()
-
-    def offer(self, frame: Frame, committed_at: float = 0.0) -> bool:
-        """`queue`, then `flush` if it was queued; returns what `queue` returned."""
-        if not self.queue(frame, committed_at):
-            return False
-        self.flush()
-        return True
 
     def ping(self, frame: Frame) -> bool:
         """Queue a keep-alive comment unless something (an event or a keep-alive) was queued

@@ -116,12 +116,15 @@ async def test_direct_writes_stop_when_the_socket_fills_and_resume_once_it_drain
     for _ in range(5):
         await asyncio.sleep(0)
     assert subscriber.write_now is not None  # the writer is idle after its first write
-    assert subscriber.offer(b"data: 1\n\n")  # written at once, from here
+    assert subscriber.queue(b"data: 1\n\n")  # written at once, from here
+    subscriber.flush()
     assert harness.sent[-1]["body"] == b"data: 1\n\n"
     full["now"] = True
-    assert subscriber.offer(b"data: 2\n\n")  # handed over, then the socket is full
+    assert subscriber.queue(b"data: 2\n\n")  # handed over, then the socket is full
+    subscriber.flush()
     assert harness.sent[-1]["body"] == b"data: 2\n\n" and subscriber.write_now is None
-    assert subscriber.offer(b"data: 3\n\n")  # queued for the task
+    assert subscriber.queue(b"data: 3\n\n")  # queued for the task
+    subscriber.flush()
     for _ in range(5):
         await asyncio.sleep(0)
     assert harness.sent[-1]["body"] == b"data: 3\n\n"

@@ -26,6 +26,14 @@ async def frames_of(subscriber: Subscriber) -> AsyncIterator[AsyncGenerator[byte
         await frames.aclose()
 
 
+def offer(subscriber: Subscriber, frame: bytes, committed_at: float = 0.0) -> bool:
+    """What the dispatcher does with one frame: `queue`, then `flush` if it was queued."""
+    if not subscriber.queue(frame, committed_at):
+        return False
+    subscriber.flush()
+    return True
+
+
 async def next_chunk(frames: AsyncGenerator[bytes, None]) -> bytes:
     """The next chunk; fails the test rather than hang if none comes."""
     return await asyncio.wait_for(frames.__anext__(), timeout=10)
@@ -43,47 +51,47 @@ def test_subscriber_needs_a_positive_buffer_bound(max_buffer_bytes: int) -> None
 def test_offer_accepts_up_to_exactly_max_buffer_bytes() -> None:
     subscriber = Subscriber("s1", "u1", max_buffer_bytes=3 * len(FRAME))
 
-    assert [subscriber.offer(FRAME) for _ in range(3)] == [True, True, True]
+    assert [offer(subscriber, FRAME) for _ in range(3)] == [True, True, True]
     assert subscriber.buffered_bytes == 3 * len(FRAME)
 
 
 def test_offer_refuses_one_byte_past_max_buffer_bytes_and_queues_nothing() -> None:
     subscriber = Subscriber("s1", "u1", max_buffer_bytes=2 * len(FRAME) + 1)
-    assert subscriber.offer(FRAME)
-    assert subscriber.offer(FRAME)
+    assert offer(subscriber, FRAME)
+    assert offer(subscriber, FRAME)
 
-    assert subscriber.offer(FRAME) is False
+    assert offer(subscriber, FRAME) is False
     assert subscriber.buffered_bytes == 2 * len(FRAME)
-    assert subscriber.offer(b"\n") is True  # the one byte left still fits
-    assert subscriber.offer(b"\n") is False
+    assert offer(subscriber, b"\n") is True  # the one byte left still fits
+    assert offer(subscriber, b"\n") is False
 
 
 def test_offer_refuses_a_frame_larger_than_the_whole_buffer() -> None:
     subscriber = Subscriber("s1", "u1", max_buffer_bytes=len(FRAME) - 1)
 
-    assert subscriber.offer(FRAME) is False
+    assert offer(subscriber, FRAME) is False
     assert subscriber.buffered_bytes == 0
 
 
 async def test_bytes_being_written_count_until_the_writer_asks_for_more() -> None:
     subscriber = Subscriber("s1", "u1", max_buffer_bytes=3 * len(FRAME))
-    subscriber.offer(FRAME)
-    subscriber.offer(FRAME)
+    offer(subscriber, FRAME)
+    offer(subscriber, FRAME)
 
     async with frames_of(subscriber) as frames:
         assert await next_chunk(frames) == FRAME + FRAME
         # The chunk is in the socket's hands: it still counts against the bound.
         assert subscriber.buffered_bytes == 2 * len(FRAME)
-        assert subscriber.offer(FRAME) is True
-        assert subscriber.offer(FRAME) is False
+        assert offer(subscriber, FRAME) is True
+        assert offer(subscriber, FRAME) is False
         assert subscriber.buffered_bytes == 3 * len(FRAME)
 
         # Asking for the next chunk means the previous one was accepted.
         assert await next_chunk(frames) == FRAME
         assert subscriber.buffered_bytes == len(FRAME)
-        assert subscriber.offer(FRAME) is True
-        assert subscriber.offer(FRAME) is True
-        assert subscriber.offer(FRAME) is False
+        assert offer(subscriber, FRAME) is True
+        assert offer(subscriber, FRAME) is True
+        assert offer(subscriber, FRAME) is False
 
 
 # Subscriber: batching
@@ -93,7 +101,7 @@ async def test_frames_joins_everything_queued_into_one_chunk() -> None:
     subscriber = Subscriber("s1", "u1", max_buffer_bytes=1 << 20)
     parts = [b"event: change\nid: %016x\ndata: {}\n\n" % i for i in range(1, 6)]
     for part in parts:
-        subscriber.offer(part)
+        offer(subscriber, part)
 
     async with frames_of(subscriber) as frames:
         assert await next_chunk(frames) == b"".join(parts)
@@ -108,7 +116,7 @@ async def test_frames_waits_for_an_offer() -> None:
         await asyncio.sleep(0)  # let it reach the wait
         assert not waiting.done()
 
-        subscriber.offer(FRAME)
+        offer(subscriber, FRAME)
 
         assert await asyncio.wait_for(waiting, timeout=10) == FRAME
 
@@ -118,8 +126,8 @@ async def test_frames_waits_for_an_offer() -> None:
 
 async def test_close_drops_queued_frames_and_sends_farewell_then_close_frame() -> None:
     subscriber = Subscriber("s1", "u1", max_buffer_bytes=1 << 20)
-    subscriber.offer(FRAME)
-    subscriber.offer(FRAME)
+    offer(subscriber, FRAME)
+    offer(subscriber, FRAME)
 
     subscriber.close("shutdown", farewell=encode_retry(4000))
 
@@ -142,7 +150,7 @@ async def test_close_without_farewell_sends_only_the_close_frame() -> None:
 
 async def test_close_while_a_chunk_is_being_written_ends_after_the_close_frame() -> None:
     subscriber = Subscriber("s1", "u1", max_buffer_bytes=1 << 20)
-    subscriber.offer(FRAME)
+    offer(subscriber, FRAME)
 
     async with frames_of(subscriber) as frames:
         assert await next_chunk(frames) == FRAME
@@ -168,7 +176,7 @@ async def test_close_wakes_a_waiting_writer() -> None:
 
 def test_close_frame_is_sent_even_past_the_buffer_bound() -> None:
     subscriber = Subscriber("s1", "u1", max_buffer_bytes=len(FRAME))
-    subscriber.offer(FRAME)
+    offer(subscriber, FRAME)
 
     subscriber.close("slow_consumer", farewell=encode_retry(5000))
 
@@ -180,7 +188,7 @@ def test_offer_after_close_raises_subscriber_closed() -> None:
     subscriber.close("shutdown")
 
     with pytest.raises(SubscriberClosed, match=r"subscriber s1 is closed \(shutdown\)"):
-        subscriber.offer(FRAME)
+        offer(subscriber, FRAME)
 
 
 async def test_close_twice_keeps_the_first_reason_and_one_close_frame() -> None:
@@ -461,7 +469,7 @@ PING = b": ping\n\n"
 async def test_ping_is_queued_only_to_a_subscriber_idle_since_the_last_ping() -> None:
     subscriber = Subscriber("s1", "alice", max_buffer_bytes=1024)
     async with frames_of(subscriber) as frames:
-        assert subscriber.offer(FRAME)
+        assert offer(subscriber, FRAME)
         assert subscriber.ping(PING)  # busy since the last ping: nothing queued
         assert await next_chunk(frames) == FRAME
         assert subscriber.ping(PING)  # idle since the last call
@@ -473,7 +481,7 @@ async def test_ping_is_queued_only_to_a_subscriber_idle_since_the_last_ping() ->
 
 def test_ping_into_a_full_buffer_reports_a_slow_consumer() -> None:
     subscriber = Subscriber("s1", "alice", max_buffer_bytes=len(FRAME) + 3)
-    assert subscriber.offer(FRAME)
+    assert offer(subscriber, FRAME)
     assert subscriber.ping(PING)  # clears the busy mark
     assert not subscriber.ping(PING)
     assert subscriber.buffered_bytes == len(FRAME)
@@ -482,8 +490,8 @@ def test_ping_into_a_full_buffer_reports_a_slow_consumer() -> None:
 async def test_a_chunk_carries_the_commit_time_of_its_oldest_event() -> None:
     subscriber = Subscriber("s1", "alice", max_buffer_bytes=1024)
     async with frames_of(subscriber) as frames:
-        subscriber.offer(FRAME, committed_at=100.0)
-        subscriber.offer(FRAME, committed_at=101.0)
+        offer(subscriber, FRAME, committed_at=100.0)
+        offer(subscriber, FRAME, committed_at=101.0)
         await next_chunk(frames)
         assert subscriber.chunk_committed_at == 100.0
         subscriber.ping(PING)
@@ -506,16 +514,16 @@ async def test_a_frame_for_an_idle_writer_goes_straight_to_write_now_in_order() 
     written: list[tuple[bytes, float]] = []
     subscriber.write_now = lambda frame, committed_at: written.append((frame, committed_at))
     async with frames_of(subscriber) as frames:
-        assert subscriber.offer(b"a\n\n", 1.0)  # the writer has not started: queued
+        assert offer(subscriber, b"a\n\n", 1.0)  # the writer has not started: queued
         assert await next_chunk(frames) == b"a\n\n"
         waiting = asyncio.ensure_future(next_chunk(frames))
         await settle()  # the writer parks, nothing queued
-        assert subscriber.offer(b"b\n\n", 2.0)
-        assert subscriber.offer(b"c\n\n", 3.0)
+        assert offer(subscriber, b"b\n\n", 2.0)
+        assert offer(subscriber, b"c\n\n", 3.0)
         assert written == [(b"b\n\n", 2.0), (b"c\n\n", 3.0)]
         assert subscriber.buffered_bytes == 0 and not waiting.done()
         subscriber.write_now = None  # the socket is full: queue again
-        assert subscriber.offer(b"d\n\n", 4.0)
+        assert offer(subscriber, b"d\n\n", 4.0)
         assert await waiting == b"d\n\n"
         assert subscriber.chunk_committed_at == 4.0
     assert subscriber.sent_since_ping
