@@ -1,7 +1,7 @@
 """Python side of the C load client `bench/client/sseload`.
 
 `build()` compiles it; `run_load()` runs one sseload process (pinned with `taskset`) and parses
-its JSON result into a `LoadResult`; `run_load_split()` spreads more connections than one
+its JSON result into a `LoadResult`; with `processes` > 1 it spreads more connections than one
 process may open (the machine's limit is 20,000 files per process) across several processes
 and merges their results exactly from the raw histogram buckets each one dumps.
 
@@ -224,6 +224,7 @@ async def run_load(
     paths: list[str],
     *,
     connections: int,
+    processes: int = 1,
     cpu: str | None = "1",
     rate: float = 0,
     concurrency: int = 1000,
@@ -235,7 +236,7 @@ async def run_load(
     connect_timeout_s: float = 60,
     headers: Sequence[str] = (),
 ) -> LoadResult:
-    """Run one sseload process against `host:port` and return its result.
+    """Run sseload against `host:port` and return its result.
 
     Connection i requests `paths[i % len(paths)]` (query string included). `cpu`: `taskset -c`
     list for the client, None to leave it unpinned. `rate`: connects started per second (0 = as
@@ -248,59 +249,18 @@ async def run_load(
     `connect_timeout_s`); its first `warmup_s` are not counted. `headers`: extra `K: V` lines.
     Progress lines from sseload's stderr go to this module's logger at INFO.
 
-    Raises RuntimeError if sseload cannot be built or exits non-zero (bad arguments), ValueError
-    if `paths` is empty.
-    """
-    opts = _Options(
-        cpu=cpu,
-        rate=rate,
-        concurrency=concurrency,
-        source_ips=tuple(source_ips) if source_ips else None,
-        ready_marker=_marker_text(ready_marker),
-        slow_fraction=slow_fraction,
-        duration_s=duration_s,
-        warmup_s=warmup_s,
-        connect_timeout_s=connect_timeout_s,
-        headers=tuple(headers),
-    )
-    result, _ = await _run_one(host, port, paths, connections, opts, "sseload", False)
-    return LoadResult.from_json(result)
-
-
-def _marker_text(ready_marker: str | bytes | None) -> str | None:
-    return ready_marker.decode() if isinstance(ready_marker, bytes) else ready_marker
-
-
-async def run_load_split(
-    host: str,
-    port: int,
-    paths: list[str],
-    *,
-    connections: int,
-    processes: int,
-    cpu: str | None = "1",
-    rate: float = 0,
-    concurrency: int = 1000,
-    source_ips: Sequence[str] | None = None,
-    ready_marker: str | bytes | None = None,
-    slow_fraction: float = 0.0,
-    duration_s: float,
-    warmup_s: float = 0.0,
-    connect_timeout_s: float = 60,
-    headers: Sequence[str] = (),
-) -> LoadResult:
-    """`run_load()` spread over `processes` sseload processes started together.
-
-    Process j takes a contiguous share of the connections and keeps their path assignment
-    (global connection i still requests `paths[i % len(paths)]`); `rate` and `concurrency` are
-    divided between the processes. All processes run under the same `cpu` list. Merge: counts
-    are summed; latency and connect percentiles come from the summed histogram buckets (exact,
-    the same rule as sseload's own); `connect.per_s` = all ready connections over the span from
-    the first connect() to the last ready marker in any process (CLOCK_MONOTONIC is shared);
+    `processes` > 1 spreads the connections over that many sseload processes started together
+    (one may open at most ~19,900: the machine's limit of open files): process j takes a
+    contiguous share and keeps its path assignment; `rate` and `concurrency` are divided
+    between them; all run under the same `cpu` list. Merge: counts are summed; latency and
+    connect percentiles come from the summed histogram buckets (exact, the same rule as
+    sseload's own); `connect.per_s` = all ready connections over the span from the first
+    connect() to the last ready marker in any process (CLOCK_MONOTONIC is shared);
     `measure_s` is the longest process window and `deliveries_per_s` the sum of the processes'
     rates (their windows start when each process finished connecting, so nearly together).
 
-    Raises ValueError if `processes` < 1 or > `connections`, and as `run_load()` does.
+    Raises RuntimeError if sseload cannot be built or exits non-zero (bad arguments), ValueError
+    if `paths` is empty or `processes` is not in 1..`connections`.
     """
     if not 1 <= processes <= connections:
         raise ValueError(f"processes must be in 1..connections ({connections}), got {processes}")
@@ -309,13 +269,16 @@ async def run_load_split(
         rate=rate / processes,
         concurrency=max(1, concurrency // processes),
         source_ips=tuple(source_ips) if source_ips else None,
-        ready_marker=_marker_text(ready_marker),
+        ready_marker=ready_marker.decode() if isinstance(ready_marker, bytes) else ready_marker,
         slow_fraction=slow_fraction,
         duration_s=duration_s,
         warmup_s=warmup_s,
         connect_timeout_s=connect_timeout_s,
         headers=tuple(headers),
     )
+    if processes == 1:
+        result, _ = await _run_one(host, port, paths, connections, opts, "sseload", False)
+        return LoadResult.from_json(result)
     await asyncio.to_thread(build)
     shares = [connections // processes + (j < connections % processes) for j in range(processes)]
     starts = [sum(shares[:j]) for j in range(processes)]
@@ -374,7 +337,7 @@ def _merged_stats(dumps: Sequence[dict[str, Any]]) -> tuple[int, float, float, f
 
 def merge_results(runs: Sequence[tuple[dict[str, Any], dict[str, Any] | None]]) -> LoadResult:
     """Merge several sseload runs given as (stdout JSON, `--histogram-out` JSON) pairs into one
-    `LoadResult` (the rules are in `run_load_split()`). Raises ValueError without histograms."""
+    `LoadResult` (the rules are in `run_load()`). Raises ValueError without histograms."""
     if not runs or any(hist is None for _, hist in runs):
         raise ValueError("merging needs every run's --histogram-out dump")
     results = [result for result, _ in runs]

@@ -296,7 +296,6 @@ async def run_client(
     **options: Any,
 ) -> LoadResult:
     """Run `sseload` pinned to the client cpu (several processes when `processes` > 1)."""
-    processes = int(options.pop("processes", 1))
     common: dict[str, Any] = {
         "connections": len(paths),
         "cpu": ctx.client_cpu,
@@ -305,8 +304,6 @@ async def run_client(
         "connect_timeout_s": ctx.sizes.connect_timeout_s,
         **options,
     }
-    if processes > 1:
-        return await loadclient.run_load_split(host, port, paths, processes=processes, **common)
     return await loadclient.run_load(host, port, paths, **common)
 
 
