@@ -721,27 +721,13 @@ def count_messages(run_dir: Path, prefix: str) -> int:
 
 async def create_database(pg: PgServer, name: str) -> str:
     """Create, migrate and seed the database `name`; return its DSN."""
-    admin = await asyncpg.connect(pg.dsn("postgres"))
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(pg.dsn(name))
+    conn = await asyncpg.connect(await pg.create_database(name))
     try:
         await migrate(conn)
         await seed(conn)
     finally:
         await conn.close()
     return pg.dsn(name)
-
-
-async def drop_database(pg: PgServer, name: str) -> None:
-    """Drop the database `name`, ending its sessions."""
-    admin = await asyncpg.connect(pg.dsn("postgres"))
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
 
 
 async def run(options: Options, pg: PgServer) -> bool:
@@ -765,7 +751,7 @@ async def run(options: Options, pg: PgServer) -> bool:
             finally:
                 await chaos.close()
     finally:
-        await drop_database(pg, name)
+        await pg.drop_database(name)
     assert chaos is not None
     chaos.summary()
     return not chaos.violations

@@ -107,9 +107,7 @@ async def pipeline(dsn: str, url: str, clients: int, count: int, rate: float) ->
 async def run(pg: PgServer, redis_url: str, clients: int, count: int, rate: float) -> None:
     """Set up a database and processes, measure baseline then pipeline, print a table."""
     name = f"usbench_{nanoid.generate('abcdefghijklmnopqrstuvwxyz', 8)}"
-    admin = await asyncpg.connect(pg.dsn("postgres"))
-    await admin.execute(f"CREATE DATABASE {name}")
-    dsn = pg.dsn(name)
+    dsn = await pg.create_database(name)
     processes = Processes(
         {
             "DATABASE_URL": dsn,
@@ -130,8 +128,7 @@ async def run(pg: PgServer, redis_url: str, clients: int, count: int, rate: floa
         result = percentiles(await pipeline(dsn, gateway.url, clients, count, rate))
     finally:
         processes.stop_all()
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
+        await pg.drop_database(name)
     print(
         f"commit -> receipt, {count} events at {rate:g}/s, {clients} clients, cpus {os.cpu_count()}"
     )

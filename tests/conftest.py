@@ -22,14 +22,6 @@ def short_id() -> str:
     return str(nanoid.generate(_ALPHABET, 10))
 
 
-async def _admin(server: PgServer, sql: str) -> None:
-    conn = await asyncpg.connect(server.dsn("postgres"))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
     with postgres_server() as server:
@@ -42,8 +34,7 @@ def template_database(pg_server: PgServer) -> Iterator[str]:
     name = f"ustmpl_{short_id()}"
 
     async def create() -> None:
-        await _admin(pg_server, f"CREATE DATABASE {name}")
-        conn = await asyncpg.connect(pg_server.dsn(name))
+        conn = await asyncpg.connect(await pg_server.create_database(name))
         try:
             await migrate(conn)
         finally:
@@ -51,16 +42,15 @@ def template_database(pg_server: PgServer) -> Iterator[str]:
 
     asyncio.run(create())
     yield name
-    asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    asyncio.run(pg_server.drop_database(name))
 
 
 @pytest.fixture
 def database_url(pg_server: PgServer, template_database: str) -> Iterator[str]:
     """DSN of a fresh, migrated database of this test's own (dropped afterwards)."""
     name = f"ust_{short_id()}"
-    asyncio.run(_admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {template_database}"))
-    yield pg_server.dsn(name)
-    asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    yield asyncio.run(pg_server.create_database(name, template=template_database))
+    asyncio.run(pg_server.drop_database(name))
 
 
 @pytest.fixture

@@ -37,6 +37,24 @@ class PgServer:
             return f"postgresql://{self.user}@/{database}?host={quote(self.host)}&port={self.port}"
         return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
 
+    async def create_database(self, name: str, template: str | None = None) -> str:
+        """CREATE DATABASE `name` (a copy of `template` when given); returns its DSN.
+        Raises asyncpg errors (a name taken, the server unreachable)."""
+        clause = f" TEMPLATE {template}" if template else ""
+        await self._admin(f"CREATE DATABASE {name}{clause}")
+        return self.dsn(name)
+
+    async def drop_database(self, name: str) -> None:
+        """DROP DATABASE IF EXISTS `name`, ending its sessions (`WITH (FORCE)`, PG 13+)."""
+        await self._admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    async def _admin(self, sql: str) -> None:
+        conn = await asyncpg.connect(self.dsn("postgres"))
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
 
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""

@@ -141,13 +141,8 @@ class UserstreamTarget:
             raise
 
     async def _create_database(self, users: int) -> None:
-        admin = await asyncpg.connect(self.pg.dsn("postgres"))
-        try:
-            await admin.execute(f"CREATE DATABASE {self.database}")
-            self._created = True
-        finally:
-            await admin.close()
-        conn = await asyncpg.connect(self.pg.dsn(self.database))
+        conn = await asyncpg.connect(await self.pg.create_database(self.database))
+        self._created = True
         self._conn = conn
         await migrate(conn)
         await conn.execute("INSERT INTO workspaces (id) VALUES ('w1')")
@@ -260,11 +255,7 @@ class UserstreamTarget:
                 await self._conn.close()
             self._conn = None
         if self._created:
-            admin = await asyncpg.connect(self.pg.dsn("postgres"))
-            try:
-                await admin.execute(f"DROP DATABASE IF EXISTS {self.database} WITH (FORCE)")
-            finally:
-                await admin.close()
+            await self.pg.drop_database(self.database)
             self._created = False
         client = aioredis.Redis.from_url(self.redis_url)
         try:

@@ -72,13 +72,11 @@ async def test_each_migration_can_be_applied_again_without_error(db: asyncpg.Con
 async def empty_database_url(pg_server: PgServer) -> AsyncIterator[str]:
     """DSN of a new database with nothing in it (dropped afterwards)."""
     name = f"ustempty_{short_id()}"
-    async with connect(pg_server.dsn("postgres")) as admin:
-        await admin.execute(f"CREATE DATABASE {name}")
+    dsn = await pg_server.create_database(name)
     try:
-        yield pg_server.dsn(name)
+        yield dsn
     finally:
-        async with connect(pg_server.dsn("postgres")) as admin:
-            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await pg_server.drop_database(name)
 
 
 async def test_migrate_applies_every_migration_once_on_an_empty_database(
