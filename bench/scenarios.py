@@ -796,8 +796,9 @@ async def targeted(ctx: Context) -> Report:
             step = Step("targeted", sizes.targeted_rate, n, sizes.warmup_s, sizes.targeted_s)
             row = await publish_run(ctx, target, target.paths(n, "targeted"), step)
             row["verdict"] = judge(row, float(sizes.targeted_rate))
-            row["own_p50_ms"] = await own_latency_ms(target, 0.5)
-            row["own_p99_ms"] = await own_latency_ms(target, 0.99)
+            samples = await own_samples(target)
+            row["own_p50_ms"] = own_latency_ms(samples, 0.5)
+            row["own_p99_ms"] = own_latency_ms(samples, 0.99)
             return [row]
 
         report.rows += await on_target(ctx, name, Setup(n, "targeted"), body)
@@ -878,32 +879,33 @@ SLOW_COLUMNS = [
 ]
 
 
-async def own_count(target: Target, suffix: str) -> float | None:
-    """A counter the target reports about itself (`server_counters()`, userstream only): the
-    sum of the samples whose name ends in `suffix`; None for targets without it."""
-    counters: Callable[[], Awaitable[dict[str, float]]] | None = getattr(
-        target, "server_counters", None
-    )
-    if counters is None:
+Samples = dict[str, float]
+"""Prometheus samples by name with labels, e.g. `userstream_connections`."""
+
+
+async def own_samples(target: Target) -> Samples | None:
+    """What the target reports about itself (`server_counters()`: userstream's `/metrics`);
+    None for targets without it."""
+    counters: Callable[[], Awaitable[Samples]] | None = getattr(target, "server_counters", None)
+    return None if counters is None else await counters()
+
+
+def own_count(samples: Samples | None, suffix: str) -> float | None:
+    """The sum of the samples whose name ends in `suffix`; None without samples."""
+    if samples is None:
         return None
-    return sum(v for k, v in (await counters()).items() if k.split("{")[0].endswith(suffix))
+    return sum(v for k, v in samples.items() if k.split("{")[0].endswith(suffix))
 
 
-async def own_latency_ms(target: Target, quantile: float) -> float | None:
+def own_latency_ms(samples: Samples | None, quantile: float) -> float | None:
     """The upper bound (ms) of the bucket holding `quantile` of the target's own
     commit-to-write histogram (userstream `userstream_commit_to_write_seconds`: outbox commit
-    to the socket write, measured in the gateway); None for targets without it or with no
-    samples. Bucket bounds make it coarse: 1, 2.5, 5, 10, 25 ms, ..."""
-    counters: Callable[[], Awaitable[dict[str, float]]] | None = getattr(
-        target, "server_counters", None
-    )
-    if counters is None:
-        return None
-    samples = await counters()
+    to the socket write, measured in the gateway); None without samples or observations.
+    Bucket bounds make it coarse: 1, 2.5, 5, 10, 25 ms, ..."""
     prefix = 'userstream_commit_to_write_seconds_bucket{le="'
     buckets = sorted(
         (float(name[len(prefix) : -2]), count)
-        for name, count in samples.items()
+        for name, count in (samples or {}).items()
         if name.startswith(prefix)
     )
     total = buckets[-1][1] if buckets else 0.0
@@ -930,7 +932,8 @@ async def slow(ctx: Context) -> Report:
                     sizes.slow_body_bytes,
                 )  # fmt: skip
                 row = await publish_run(ctx, target, target.paths(n, "broadcast"), step)
-                row["own_slow_cut"] = await own_count(target, "slow_consumer_disconnects_total")
+                samples = await own_samples(target)
+                row["own_slow_cut"] = own_count(samples, "slow_consumer_disconnects_total")
                 slow_count = n // round(1 / fraction) if fraction else 0
                 row["slow"] = slow_count
                 row["verdict"] = judge(row, float(sizes.slow_rate * (n - slow_count)))

@@ -49,12 +49,13 @@ PATH = "/me/stream"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MEDIA_TYPE = "text/event-stream"
 _START_HEADERS = [
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (name, value)
+    for name, value in Response(media_type=MEDIA_TYPE, headers=HEADERS).raw_headers
+    if name != b"content-length"
 ]
-"""The stream's response headers, encoded once (copied per response: middleware may add
-to the list it is given)."""
+"""`HEADERS` and the content type as Starlette encodes them, once, without the
+`content-length: 0` of an empty body (copied per response: middleware may add to the list
+it is given)."""
 
 CLIENT = "client"
 """Disconnect reason of a stream its client ended (metrics and logs)."""
