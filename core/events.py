@@ -21,6 +21,11 @@ ACTIONS = frozenset({"create", "update", "delete"})
 ACCESS_RESOURCE_TYPES = frozenset({"workspace", "membership", "stream", "stream_member"})
 """Resource types whose events change who may receive what (PROTOCOL.md §1, §2)."""
 
+ACCESS_IMAGE_TYPE = "userstream.access"
+"""`type` of the events the relay writes itself in wal ingest mode, one per committed change
+to an access table (sync/wal.py): they move every gateway's access state at their position
+and are never delivered to clients (`Event.internal`)."""
+
 MAX_DATA_BYTES = 65_536
 """Largest serialized `data` payload, in bytes (PROTOCOL.md §1; enforced by a CHECK too)."""
 
@@ -67,7 +72,9 @@ class Event:
     publishing transaction (all events of one transaction have consecutive positions and one
     xid); `data`/`tx` are JSON text or None; `access` is the after-image of the access row an
     access-changing event names, captured at commit (`{"row": {...} | null}`), else None;
-    `created_at` is RFC 3339 text; `committed_at` is the commit time in epoch seconds.
+    `created_at` is RFC 3339 text; `committed_at` is the commit time in epoch seconds;
+    `internal` is True for the relay's own access images (ACCESS_IMAGE_TYPE), derived from
+    `type`: applied to the access state, never delivered.
     """
 
     seq: int
@@ -85,6 +92,7 @@ class Event:
     access: Mapping[str, Any] | None
     created_at: str
     committed_at: float
+    internal: bool = False
 
     @property
     def cursor(self) -> str:
@@ -125,7 +133,10 @@ class Event:
                 raise MalformedEvent(f"{name} must be a string or null, got {row[name]!r}")
         if row["action"] not in ACTIONS:
             raise MalformedEvent(f"action {row['action']!r} is not one of {sorted(ACTIONS)}")
-        problem = scope_error(row["resource_type"], row)
+        # An access image names its row by the row's own columns, which need not hold every
+        # scope column (a stream member row has no workspace_id).
+        internal = row["type"] == ACCESS_IMAGE_TYPE
+        problem = None if internal else scope_error(row["resource_type"], row)
         if problem is not None:
             raise MalformedEvent(problem)
         seq = row["seq"]
@@ -147,6 +158,7 @@ class Event:
             access=_access(row.get("access")),
             created_at=_created_at(row["created_at"]),
             committed_at=_epoch(row.get("committed_at")),
+            internal=internal,
         )
 
     def to_wire(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The `userstream` command line: it parses options and hands over (uvicorn's `main.py` style).
 
-    userstream migrate                      apply the schema (idempotent)
+    userstream migrate [--ingest auto|wal|trigger]   apply the schema, set the ingest mode
     userstream relay                        run an outbox relay (one active, others standby)
     userstream serve [--host H] [--port P] [--with-relay] [--workers N]
     userstream token --user ID [--ttl S] [--admin]
@@ -17,11 +17,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from typing import Literal
 
 import asyncpg
 import uvicorn
 import uvloop
 
+from core.schema.ingest import MODES, IngestUnavailable, Mode, set_ingest_mode
 from core.schema.migrations import migrate
 from gateway.admin import serve_metrics
 from gateway.auth import Authenticator
@@ -34,7 +36,14 @@ from gateway.shutdown import server_shutdown_timeout_s
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="userstream", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("migrate", help="apply the database schema (idempotent)")
+    migrate_cmd = commands.add_parser("migrate", help="apply the database schema (idempotent)")
+    migrate_cmd.add_argument(
+        "--ingest",
+        choices=("auto", *MODES),
+        default="auto",
+        help="how the relay reads the outbox: wal (logical decoding) or trigger; auto keeps"
+        " the mode chosen before, else picks wal where the server allows it",
+    )
     commands.add_parser("relay", help="move outbox rows to the bus, in commit order")
     serve = commands.add_parser("serve", help="run the gateway (GET /me/stream)")
     serve.add_argument("--host", help="address to listen on (USERSTREAM_HOST)")
@@ -52,13 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _migrate(settings: Settings) -> None:
+async def _migrate(settings: Settings, ingest: Mode | Literal["auto"] = "auto") -> None:
     conn = await asyncpg.connect(settings.database_url)
     try:
         applied = await migrate(conn)
+        choice = await set_ingest_mode(conn, ingest)
     finally:
         await conn.close()
     print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+    print(f"ingest mode: {choice.mode}")
+    for blocker in choice.wal_blockers if choice.mode == "trigger" else ():
+        print(f"  wal not possible: {blocker}")
 
 
 async def _relay(settings: Settings) -> None:
@@ -136,7 +149,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             " (for one process without Redis: userstream serve --with-relay)"
         )
     if args.command == "migrate":
-        asyncio.run(_migrate(settings))
+        try:
+            asyncio.run(_migrate(settings, args.ingest))
+        except IngestUnavailable as exc:
+            sys.exit(f"userstream migrate: {exc}")
     else:
         uvloop.run(_relay(settings))  # the gateway's loop too (uvicorn picks uvloop)
 

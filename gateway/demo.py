@@ -15,6 +15,7 @@ import asyncpg
 import uvicorn
 from pydantic import SecretStr
 
+from core.schema.ingest import set_ingest_mode
 from core.schema.migrations import migrate
 from gateway.app import create_app
 from gateway.auth import Authenticator
@@ -58,6 +59,8 @@ async def _prepare(database_url: str) -> DemoWorld:
     conn = await asyncpg.connect(database_url)
     try:
         await migrate(conn)
+        choice = await set_ingest_mode(conn, "auto")
+        logger.info("ingest mode: %s", choice.mode)
         return await seed(conn)
     finally:
         await conn.close()

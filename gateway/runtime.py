@@ -24,6 +24,7 @@ import orjson
 from core.channels import workspace_channel
 from core.cursors import format_cursor
 from core.frames import encode_retry
+from core.schema.ingest import ingest_mode
 from core.types import Frame
 from gateway.auth import Authenticator
 from gateway.deadlines import SWEEP_INTERVAL_S, Deadlines
@@ -91,6 +92,7 @@ class Runtime:
     drain: Drain
     deadlines: Deadlines
     relay: OutboxRelay | None = None
+    ingest: str = "trigger"
     replica: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     started_at: float = field(default_factory=time.time)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -121,6 +123,8 @@ class Runtime:
         drain = Drain(dispatcher, settings.drain_s)
         deadlines = Deadlines(settings.send_timeout_s)
         runtime = cls(settings, pool, bus, dispatcher, auth, limiter, drain, deadlines)
+        async with pool.acquire() as conn:
+            runtime.ingest = await ingest_mode(conn)
         await dispatcher.start()
         drain.install_signal_handlers()
         metrics.SEND_BUFFER_BYTES.set_function(
@@ -135,8 +139,9 @@ class Runtime:
             runtime.relay = make_relay(settings, bus)
             runtime.spawn(runtime.relay.run(runtime.stop), "relay")
         logger.info(
-            "gateway started at position %d (bus: %s, relay: %s)",
+            "gateway started at position %d (%s ingest, bus: %s, relay: %s)",
             dispatcher.position,
+            runtime.ingest,
             type(bus).__name__,
             "in process" if runtime.relay else "separate",
         )

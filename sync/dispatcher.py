@@ -238,7 +238,8 @@ class Dispatcher:
                         else:
                             self.manager.remove_channels(subscriber.id, channel)
         for event in events:
-            self._fan_out(event)
+            if not event.internal:
+                self._fan_out(event)
             self.window.append(event)
             self.position = event.seq
 

@@ -116,6 +116,14 @@ RELAY_LAG_SECONDS = Gauge(
     "userstream_relay_lag_seconds",
     "Age of the oldest committed outbox row not yet relayed, seconds (active relay only).",
 )
+RELAY_SLOT_RETAINED_BYTES = Gauge(
+    "userstream_relay_slot_retained_bytes",
+    "WAL the replication slot keeps on the server's disk, bytes (wal ingest, active relay).",
+)
+RELAY_SLOT_LAG_BYTES = Gauge(
+    "userstream_relay_slot_lag_bytes",
+    "WAL written since the slot's last acknowledged LSN, bytes (wal ingest, active relay).",
+)
 DEAD_LETTERS = Counter(
     "userstream_dead_letters",
     "Malformed outbox rows the relay moved past, each kept in outbox_dead_letters.",

@@ -15,10 +15,12 @@ import orjson
 from core.events import Event, MalformedEvent
 from core.types import Connection, Row
 
-_SELECT = (
-    "SELECT id, seq, xid, type, resource_type, action, entity_id, workspace_id, stream_id,"
-    " user_id, actor_id, data, tx, access, created_at, committed_at FROM outbox"
+COLUMNS = (
+    "id, seq, xid, type, resource_type, action, entity_id, workspace_id, stream_id,"
+    " user_id, actor_id, data, tx, access, created_at, committed_at"
 )
+"""The outbox columns an event is built from (`Event.from_row`), for SELECT and RETURNING."""
+_SELECT = f"SELECT {COLUMNS} FROM outbox"
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,12 @@ again, re-LISTENs and polls at once, since notifications sent meanwhile are gone
 
 Departures from arq: no job semantics; the step reports the rows it read, and a full page
 skips the wait.
+
+Ingest modes (core/schema/ingest.py). The above is `trigger` mode. In `wal` mode, read at each
+`lead()`, step 2 opens the database's replication slot instead of LISTENing, and the step is
+`sync.wal.WalIngest.step`: the slot pushes each transaction at its commit, the relay gives
+positions, records them, publishes, and acknowledges the slot; there is no poll query, and
+the wait is the wait for the slot's next message.
 """
 
 import asyncio
@@ -45,13 +51,16 @@ from typing import Any
 import asyncpg
 from redis.backoff import EqualJitterBackoff
 
+from core.schema.ingest import ingest_mode, slot_name
 from core.schema.migrations import NOTIFY_CHANNEL
 from core.types import Connection
 from sync import leader, metrics
 from sync.bus import Batch, Bus
 from sync.faults import SERVICE_FAULTS
 from sync.outbox import Page, read_page, record_dead_letters
+from sync.replication import REPLICATION_FAULTS
 from sync.retention import Pruner
+from sync.wal import PgConnection, WalIngest
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +71,14 @@ BACKOFF_CAP_S = 5.0
 """Largest backoff between restarts: 2.5 to 5 s."""
 
 LAG_INTERVAL_S = 1.0
-"""While behind, how often the relay measures its lag (`relay_lag`, a count query), seconds."""
+"""While behind, how often the relay measures its lag (`relay_lag`, a count query), seconds;
+in wal mode, how often it reads its slot's retained WAL and lag (`slot_lag`)."""
+
+WAL_WAIT_S = 0.2
+"""In wal mode, how long one step waits for the slot's next message, seconds (bounds how long
+`stop` waits for the step in progress)."""
+
+_FAULTS = (*SERVICE_FAULTS, *REPLICATION_FAULTS)
 
 APPLICATION_NAME_PREFIX = "userstream-relay-"
 """`application_name` of relay connections is this prefix plus the OS pid (`pg_stat_activity`)."""
@@ -146,6 +162,7 @@ class OutboxRelay:
         self._failures = 0
         self._lag_measured = 0.0
         self._backoff = EqualJitterBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S)
+        self.wal: WalIngest | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set, standing by while another relay leads.
@@ -179,14 +196,15 @@ class OutboxRelay:
             rows = await self.relay_once()
             more = await self.prune_once()
             self._failures = 0
-            if rows < self.batch_size and not more:
+            if self.wal is None and rows < self.batch_size and not more:
                 await _wait_any((stop, self._wake), self.poll_interval_s)
 
     async def lead(self) -> bool:
         """Connect if needed and try once to become the active relay; True when leader.
 
         On success: the `outbox_relay` row exists, `position` is loaded from it, the
-        connection LISTENs (unless `listen=False`) and the next step will run at once.
+        connection LISTENs (unless `listen=False`) and the next step will run at once; in wal
+        mode, the slot is open instead (`WalIngest.start`, which may bootstrap it).
         Raises asyncpg/OS errors or TimeoutError (after `query_timeout_s`) when Postgres
         is unreachable; `run` then drops the connection, which frees a lock taken before
         the failure (a direct caller does so with `close()`).
@@ -202,11 +220,23 @@ class OutboxRelay:
                 return False
             await conn.execute(_ENSURE_ROW, self.name)
             self.position = int(await conn.fetchval(_LOAD_POSITION, self.name))
-            if self.listen:
+            mode = await ingest_mode(conn)
+            if mode == "trigger" and self.listen:
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        if mode == "wal":
+            database = str(await conn.fetchval("SELECT current_database()"))
+            self.wal = WalIngest(
+                self.dsn,
+                self.bus,
+                slot=slot_name(database),
+                name=self.name,
+                timeout_s=self.query_timeout_s,
+            )
+            await self.wal.start(conn)
+            self.position = self.wal.position
         self.is_leader, self._standby = True, False
         self._wake.set()
-        logger.info("relay active: %s at position %d", self.name, self.position)
+        logger.info("relay active: %s at position %d (%s ingest)", self.name, self.position, mode)
         return True
 
     async def relay_once(self) -> int:
@@ -222,6 +252,8 @@ class OutboxRelay:
         if not self.is_leader or self._conn is None:
             raise RuntimeError(f"relay {self.name!r} is not the active relay: call lead() first")
         conn = self._conn
+        if self.wal is not None:
+            return await self._relay_wal(conn, self.wal)
         async with asyncio.timeout(self.query_timeout_s):
             page = await read_page(conn, self.position, self.batch_size)
             if page.malformed:
@@ -240,6 +272,20 @@ class OutboxRelay:
             metrics.DEAD_LETTERS.inc(len(page.malformed))
         rows = len(page.events) + len(page.malformed)
         await self._measure_lag(conn, caught_up=rows < self.batch_size)
+        return rows
+
+    async def _relay_wal(self, conn: PgConnection, wal: WalIngest) -> int:
+        """The wal-mode step (`WalIngest.step`, each query under `query_timeout_s`)."""
+        rows = await wal.step(conn, WAL_WAIT_S)
+        self.position = wal.position
+        self.dead_letters = wal.dead_letters
+        now = time.monotonic()
+        if now - self._lag_measured >= LAG_INTERVAL_S:
+            async with asyncio.timeout(self.query_timeout_s):
+                retained, lag = await slot_lag(conn, wal.slot)
+            metrics.RELAY_SLOT_RETAINED_BYTES.set(retained)
+            metrics.RELAY_SLOT_LAG_BYTES.set(lag)
+            self._lag_measured = now
         return rows
 
     async def _measure_lag(self, conn: Connection, *, caught_up: bool) -> None:
@@ -283,6 +329,7 @@ class OutboxRelay:
         """
         conn, self._conn = self._conn, None
         was_leader, self.is_leader, self._standby = self.is_leader, False, False
+        self._close_wal()
         if conn is None:
             return
         try:
@@ -316,7 +363,7 @@ class OutboxRelay:
         Returns the backoff before the loop restarts, in seconds."""
         self._failures += 1
         delay = self._backoff.compute(self._failures)
-        traceback = not isinstance(exc, SERVICE_FAULTS)
+        traceback = not isinstance(exc, _FAULTS)
         if self.is_leader and await self._answers():
             logger.warning(
                 "relay step failed at position %d, retrying in %.2f s: %r",
@@ -341,8 +388,14 @@ class OutboxRelay:
         and so frees the lock, if the session is still alive."""
         conn, self._conn = self._conn, None
         self.is_leader = self._standby = False
+        self._close_wal()
         if conn is not None:
             conn.terminate()
+
+    def _close_wal(self) -> None:
+        wal, self.wal = self.wal, None
+        if wal is not None:
+            wal.close()
 
     async def _answers(self) -> bool:
         conn = self._conn
@@ -389,6 +442,20 @@ async def relay_lag(conn: Connection, name: str = "default") -> tuple[int, float
     """
     row = await conn.fetchrow(_LAG, name)
     return int(row["rows"]), float(row["seconds"])
+
+
+async def slot_lag(conn: Connection, slot: str) -> tuple[int, int]:
+    """Bytes of WAL the replication slot `slot` keeps from being removed (from its
+    `restart_lsn`), and bytes of WAL written since the last LSN it acknowledged
+    (`confirmed_flush_lsn`); (0, 0) when the slot does not exist. PostgreSQL docs,
+    "pg_replication_slots"."""
+    row = await conn.fetchrow(
+        "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint AS kept,"
+        " coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint AS lag"
+        " FROM pg_replication_slots WHERE slot_name = $1",
+        slot,
+    )
+    return (int(row["kept"]), int(row["lag"])) if row else (0, 0)
 
 
 async def _wait_any(events: Sequence[asyncio.Event], timeout_s: float) -> None:

