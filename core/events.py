@@ -26,6 +26,13 @@ ACCESS_IMAGE_TYPE = "userstream.access"
 to an access table (sync/wal.py): they move every gateway's access state at their position
 and are never delivered to clients (`Event.internal`)."""
 
+BARRIER_TYPE = "userstream.barrier"
+"""`type` of the rows a gateway writes in wal ingest mode to learn the position by which every
+transaction its snapshot saw has a position (sync/barrier.py); never delivered."""
+
+INTERNAL_TYPES = frozenset({ACCESS_IMAGE_TYPE, BARRIER_TYPE})
+"""Event types of the gateway's own bookkeeping rows (`Event.internal`)."""
+
 MAX_DATA_BYTES = 65_536
 """Largest serialized `data` payload, in bytes (PROTOCOL.md §1; enforced by a CHECK too)."""
 
@@ -73,8 +80,8 @@ class Event:
     xid); `data`/`tx` are JSON text or None; `access` is the after-image of the access row an
     access-changing event names, captured at commit (`{"row": {...} | null}`), else None;
     `created_at` is RFC 3339 text; `committed_at` is the commit time in epoch seconds;
-    `internal` is True for the relay's own access images (ACCESS_IMAGE_TYPE), derived from
-    `type`: applied to the access state, never delivered.
+    `internal` is True for the gateway's own rows (INTERNAL_TYPES: access images, barriers),
+    derived from `type`: applied to the access state, never delivered.
     """
 
     seq: int
@@ -135,7 +142,7 @@ class Event:
             raise MalformedEvent(f"action {row['action']!r} is not one of {sorted(ACTIONS)}")
         # An access image names its row by the row's own columns, which need not hold every
         # scope column (a stream member row has no workspace_id).
-        internal = row["type"] == ACCESS_IMAGE_TYPE
+        internal = row["type"] in INTERNAL_TYPES
         problem = None if internal else scope_error(row["resource_type"], row)
         if problem is not None:
             raise MalformedEvent(problem)

@@ -22,11 +22,12 @@ def _frame(event: str, payload: object, cursor: str | None = None) -> Frame:
     return head + b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def change_payload(event: Event) -> bytes:
-    """The JSON object of a change frame, keys in PROTOCOL.md §3 order (camelCase)."""
+def change_payload(event: Event, cursor: str | None = None) -> bytes:
+    """The JSON object of a change frame, keys in PROTOCOL.md §3 order (camelCase); `cursor`
+    replaces the event's own (a cursor carrying a prefetch snapshot, core/cursors.py)."""
     return orjson.dumps(
         {
-            "cursor": event.cursor,
+            "cursor": cursor or event.cursor,
             "type": event.type,
             "resourceType": event.resource_type,
             "action": event.action,
@@ -53,10 +54,11 @@ def _embedded(text: str | None) -> orjson.Fragment | None:
     return orjson.Fragment(text)
 
 
-def encode_change(event: Event) -> Frame:
-    """`event: change` with `id: <cursor>` and the change payload (PROTOCOL.md §3)."""
-    cursor = event.cursor.encode()
-    return b"event: change\nid: " + cursor + b"\ndata: " + change_payload(event) + b"\n\n"
+def encode_change(event: Event, cursor: str | None = None) -> Frame:
+    """`event: change` with `id: <cursor>` and the change payload (PROTOCOL.md §3); `cursor`
+    replaces the event's own in both (a cursor carrying a prefetch snapshot)."""
+    text = (cursor or event.cursor).encode()
+    return b"event: change\nid: " + text + b"\ndata: " + change_payload(event, cursor) + b"\n\n"
 
 
 def encode_offset(cursor: str) -> Frame:

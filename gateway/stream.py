@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from core.cursors import InvalidCursor, parse_cursor
+from core.cursors import InvalidCursor, parse_stream_cursor
 from core.types import Frame
 from gateway.auth import AuthError
 from gateway.deadlines import SEND_TIMEOUT
@@ -213,13 +213,15 @@ def stream_request(request: Request, user_id: str, admin: bool) -> StreamRequest
     last_event_id = request.headers.get("last-event-id", "").strip()
     if last_event_id:
         try:
-            return StreamRequest(user_id, admin, after=parse_cursor(last_event_id))
+            cursor = parse_stream_cursor(last_event_id)
         except InvalidCursor as exc:
             return StreamRequest(user_id, admin, refetch_reason=f"Last-Event-ID: {exc}")
-    offset = request.query_params.get("offset", "now")
-    if offset == "now":
-        return StreamRequest(user_id, admin)
-    return StreamRequest(user_id, admin, after=parse_cursor(offset))
+    else:
+        offset = request.query_params.get("offset", "now")
+        if offset == "now":
+            return StreamRequest(user_id, admin)
+        cursor = parse_stream_cursor(offset)
+    return StreamRequest(user_id, admin, after=cursor.position, prefetch=cursor.snapshot)
 
 
 def shutdown_response(drain: Drain) -> Response:

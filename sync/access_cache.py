@@ -34,12 +34,18 @@ from core.access import (
 )
 from core.events import Event
 from core.types import Connection
+from sync.barrier import relay_barrier
 
 _FIRST_TOUCH_AFTER = """
 SELECT DISTINCT ON (stream_id) stream_id, workspace_id, access FROM outbox
  WHERE resource_type = 'stream' AND workspace_id = ANY($1::text[]) AND seq > $2
+   AND access ? 'before'
  ORDER BY stream_id, seq
 """
+_POSITION_AND_MODE = (
+    "SELECT coalesce(max(seq), 0) AS position,"
+    " coalesce((SELECT mode FROM userstream_ingest), 'trigger') = 'wal' AS wal FROM outbox"
+)
 _STREAMS_OF = (
     "SELECT id, workspace_id, visibility, parent_stream_id, status FROM streams"
     " WHERE workspace_id = ANY($1::text[])"
@@ -48,11 +54,17 @@ _STREAMS_OF = (
 
 @dataclass(slots=True)
 class Snapshot:
-    """One user's access and the streams of their not-yet-tracked workspaces, at `position`."""
+    """One user's access and the streams of their not-yet-tracked workspaces, at `position`.
+
+    `settled` is the position by which every transaction the snapshot saw has one (the same
+    as `position` in trigger ingest mode; in wal mode a relay barrier's, sync/barrier.py):
+    replaying the access events of `(position, settled]` brings the pieces to one position.
+    """
 
     position: int
     user: UserAccess
     streams: dict[str, dict[str, StreamInfo]] = field(default_factory=dict)
+    settled: int = 0
 
 
 async def _load_streams(
@@ -101,13 +113,15 @@ class AccessCache:
     async def load(self, pool: asyncpg.Pool, user_id: str) -> Snapshot:
         """Read one user's memberships, and the streams of their active workspaces that are not
         held yet, with the outbox position, in one REPEATABLE READ read-only transaction
-        (consistent: every event at or before `position` is reflected, none after).
+        (consistent: every event at or before `position` is reflected; in wal ingest mode also
+        transactions not yet positioned, which a relay barrier then bounds: `settled`).
         """
         async with (
             pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
-            position = int(await conn.fetchval("SELECT coalesce(max(seq), 0) FROM outbox"))
+            [head] = await conn.fetch(_POSITION_AND_MODE)
+            position = int(head["position"])
             user = UserAccess(user_id)
             for row in await conn.fetch(
                 "SELECT workspace_id, status FROM workspace_members WHERE user_id = $1", user_id
@@ -122,7 +136,8 @@ class AccessCache:
             }
             wanted = user.active_workspaces() - self.state.streams.keys()
             streams = await _load_streams(conn, wanted)
-        return Snapshot(position, user, streams)
+        settled = (await relay_barrier(pool) or position) if head["wal"] else position
+        return Snapshot(position, user, streams, settled)
 
     def install(self, snapshot: Snapshot, replay: Iterable[Event]) -> bool:
         """Merge a snapshot into the shared state and count one more connection of its user.
@@ -189,15 +204,25 @@ class AccessCache:
         The database is ahead of `at`. Streams that no `stream` event touched after `at` are
         the same now as then; a touched one is set back to the `before` image its first
         `stream` event after `at` carries (the row before that transaction, captured by a
-        trigger on `streams`: core/schema/002_outbox.sql), or removed if it did not exist.
+        trigger on `streams`: core/schema/002_outbox.sql; in wal ingest mode, read from the
+        log by the relay), or removed if it did not exist. In wal mode the load may see
+        transactions not yet positioned: a relay barrier after it waits until they are, and
+        the touches are read after the barrier.
         """
         ids = sorted(set(workspace_ids))
         async with (
             pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
+            [head] = await conn.fetch(_POSITION_AND_MODE)
+            wal = bool(head["wal"])
             loaded = await _load_streams(conn, ids)
-            touched = await conn.fetch(_FIRST_TOUCH_AFTER, ids, at)
+            if not wal:
+                touched = await conn.fetch(_FIRST_TOUCH_AFTER, ids, at)
+        if wal:
+            await relay_barrier(pool)
+            async with pool.acquire() as conn:
+                touched = await conn.fetch(_FIRST_TOUCH_AFTER, ids, at)
         for r in touched:
             ws = r["workspace_id"]
             _rewind(loaded[ws], ws, r["stream_id"], r["access"])

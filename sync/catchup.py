@@ -25,14 +25,13 @@ state at their own position (centrifuge `internal/recovery`, which merges histor
 publications by offset the same way).
 """
 
-import dataclasses
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 
 from core.access import can_receive
 from core.channels import user_channel, workspace_channel
-from core.cursors import format_cursor
+from core.cursors import PrefetchSnapshot, format_cursor
 from core.events import Event, MalformedEvent
 from core.frames import encode_change, encode_must_refetch, encode_offset
 from core.types import Connection, Frame
@@ -40,6 +39,7 @@ from sync import metrics
 from sync.access_cache import AccessCache, Snapshot
 from sync.dispatcher import RESYNC, Dispatcher
 from sync.faults import SERVICE_FAULTS
+from sync.outbox import COLUMNS
 from sync.retention import pruned_through
 from sync.subscribers import Subscriber
 
@@ -59,10 +59,7 @@ malformed and never dispatched) the state is installed ahead of it: the dispatch
 the after-images it has not reached, which converges to the same state."""
 
 
-_HISTORY_PAGE = (
-    f"SELECT {', '.join(f.name for f in dataclasses.fields(Event))} FROM outbox"
-    " WHERE seq > $1 ORDER BY seq LIMIT $2"
-)
+_HISTORY_PAGE = f"SELECT {COLUMNS} FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2"
 
 
 class AccessLoadFailed(RuntimeError):
@@ -74,13 +71,15 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (*SERVICE_FAULTS, AccessLoadFail
 
 @dataclass(frozen=True, slots=True)
 class StreamRequest:
-    """Who connects and from where: `after` None means `now`; `refetch_reason` set means the
+    """Who connects and from where: `after` None means `now`; `prefetch` is the snapshot a
+    wal-mode prefetch cursor carries (its events are skipped); `refetch_reason` set means the
     client's cursor is unusable and it gets `must-refetch` before going live (PROTOCOL.md §3)."""
 
     user_id: str
     admin: bool = False
     after: int | None = None
     refetch_reason: str | None = None
+    prefetch: PrefetchSnapshot | None = None
 
 
 async def open_stream(
@@ -112,8 +111,10 @@ async def open_stream(
             after, head = _start_position(dispatcher, request, snapshot)
             if head:
                 yield head
+            elif request.after is not None:
+                subscriber.snapshot = request.prefetch
             while after < dispatcher.window.floor:
-                chunk, after, count = await _page(dispatcher, request, after, page_size)
+                chunk, after, count = await _page(dispatcher, request, subscriber, after, page_size)
                 replayed += count
                 if chunk:
                     yield chunk
@@ -151,11 +152,7 @@ def _go_live(
         subscriber.close(RESYNC, farewell=dispatcher.retry_frame())
     if subscriber.closed:
         return b""
-    replay = [
-        encode_change(e)
-        for e in dispatcher.window.after(after)
-        if can_receive(cache.state, request.user_id, e, admin=request.admin)
-    ]
+    replay = _frames(dispatcher.window.after(after), cache, request, subscriber)
     subscriber.after = max(after, dispatcher.position)
     channels = [user_channel(request.user_id)]
     channels += [workspace_channel(ws) for ws in cache.channels_of(request.user_id)]
@@ -163,13 +160,27 @@ def _go_live(
     if request.after is None:
         return b"".join([encode_offset(format_cursor(after)), *replay])
     metrics.CATCHUP_EVENTS.observe(replayed + len(replay))
-    return b"".join([*replay, encode_offset(format_cursor(subscriber.after))])
+    return b"".join([*replay, encode_offset(subscriber.cursor)])
+
+
+def _frames(
+    events: Iterable[Event], cache: AccessCache, request: StreamRequest, subscriber: Subscriber
+) -> list[Frame]:
+    """The change frames of `events` the user may receive and has not yet got: events its
+    prefetch saw are left out (`Subscriber.frame_for`)."""
+    frames = []
+    for event in events:
+        if can_receive(cache.state, request.user_id, event, admin=request.admin):
+            frame = subscriber.frame_for(event, encode_change(event))
+            if frame is not None:
+                frames.append(frame)
+    return frames
 
 
 async def _install(dispatcher: Dispatcher, user_id: str) -> Snapshot:
     for _ in range(INSTALL_ATTEMPTS):
         snapshot = await dispatcher.cache.load(dispatcher.pool, user_id)
-        if not await dispatcher.reached(snapshot.position, DISPATCH_WAIT_S):
+        if not await dispatcher.reached(snapshot.settled, DISPATCH_WAIT_S):
             logger.debug("dispatcher behind position %d: installing ahead", snapshot.position)
         if snapshot.position < dispatcher.window.floor:
             continue  # the dispatcher moved past what its window can replay: load again
@@ -195,7 +206,11 @@ def _start_position(
 
 
 async def _page(
-    dispatcher: Dispatcher, request: StreamRequest, after: int, page_size: int
+    dispatcher: Dispatcher,
+    request: StreamRequest,
+    subscriber: Subscriber,
+    after: int,
+    page_size: int,
 ) -> tuple[Frame, int, int]:
     """The frames of the next page of history after `after`, where the next page starts, and
     how many events the frames carry.
@@ -215,12 +230,7 @@ async def _page(
         )
         logger.info("stream of user %s: %s", request.user_id, reason)
         return encode_must_refetch(reason), max(dispatcher.position, pruned), 0
-    state = dispatcher.cache.state
-    frames = [
-        encode_change(e)
-        for e in events
-        if can_receive(state, request.user_id, e, admin=request.admin)
-    ]
+    frames = _frames(events, dispatcher.cache, request, subscriber)
     if last == after:  # nothing more in Postgres: the window must already cover it
         return b"".join(frames), max(after, dispatcher.window.floor), len(frames)
     return b"".join(frames), last, len(frames)

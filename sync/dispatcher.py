@@ -261,13 +261,20 @@ class Dispatcher:
                 continue
             if frame is None:
                 frame = encode_change(event)
-            if subscriber.queue(frame, event.committed_at):
+            own = frame if subscriber.snapshot is None else subscriber.frame_for(event, frame)
+            if own is None:
+                continue
+            if subscriber.queue(own, event.committed_at):
                 unflushed[subscriber] = None
                 delivered += 1
             else:
                 slow.append(subscriber)
         if delivered and not flushing:
             asyncio.get_running_loop().call_soon(self.flush)
+        self._settle(delivered, denied, slow)
+
+    def _settle(self, delivered: int, denied: int, slow: list[Subscriber]) -> None:
+        """Count one event's fan-out and cut off the subscribers it found full."""
         self.delivered += delivered
         metrics.DELIVERIES.inc(delivered)
         if denied:

@@ -20,7 +20,9 @@ register, unregister, channel add/remove and lookup, and no empty entries left b
 import asyncio
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 
-from core.frames import encode_close
+from core.cursors import PrefetchSnapshot, StreamCursor
+from core.events import Event
+from core.frames import encode_change, encode_close
 from core.types import ChannelKey, Frame
 
 
@@ -32,7 +34,9 @@ class Subscriber:
     """One connection's send buffer: frames queued as bytes, written in batches.
 
     `after` is the position of the last event this subscriber has been given (or must not be
-    given again); the dispatcher offers it only events past `after`. `admin` is the token's
+    given again); the dispatcher offers it only events past `after`. `snapshot` is set while
+    the stream started from a prefetch cursor of wal ingest mode may still meet events the
+    prefetch saw (`frame_for`). `admin` is the token's
     `system_role: "admin"` claim. `max_buffer_bytes` must be > 0 (ValueError otherwise).
     """
 
@@ -50,6 +54,7 @@ class Subscriber:
         "id",
         "max_buffer_bytes",
         "sent_since_ping",
+        "snapshot",
         "user_id",
         "write_now",
     )
@@ -63,6 +68,7 @@ class Subscriber:
         self.user_id = user_id
         self.admin = admin
         self.after = after
+        self.snapshot: PrefetchSnapshot | None = None
         self.max_buffer_bytes = max_buffer_bytes
         self.close_reason: str | None = None
         self._queue: list[Frame] = []
@@ -147,6 +153,28 @@ class Subscriber:
         self.sent_since_ping = True
         self.flush()
         return True
+
+    def frame_for(self, event: Event, frame: Frame) -> Frame | None:
+        """This stream's frame of `event`, whose shared frame is `frame`: None when the
+        prefetch the stream started from already holds the event (its snapshot saw the
+        event's transaction), else `frame`, or, while later events may still be ones the
+        prefetch saw, the event with a cursor that carries the snapshot, so that a resume
+        from it skips them too. The first event of a transaction the snapshot could not know
+        (`xid >= xmax`) ends the watch: every later one is new (core/cursors.py)."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return frame
+        if event.xid >= snapshot.xmax:
+            self.snapshot = None
+            return frame
+        if snapshot.saw(event.xid):
+            return None
+        return encode_change(event, str(StreamCursor(event.seq, snapshot)))
+
+    @property
+    def cursor(self) -> str:
+        """The cursor to resume this stream from: `after`, with the snapshot while watched."""
+        return str(StreamCursor(self.after, self.snapshot))
 
     def close(self, reason: str, *, farewell: Frame = b"") -> None:
         """End the stream: drop what is queued, send `farewell` (e.g. a `retry:` frame) and an

@@ -1,7 +1,14 @@
 """Fixtures shared by every test: real Postgres and Redis, one database and key prefix per test,
-and bus readers stopped at teardown."""
+and bus readers stopped at teardown.
+
+The ingest mode of the test databases is `USERSTREAM_TEST_INGEST`: `wal` (the default) on a
+throwaway Postgres with logical decoding (`tests.services.logical_postgres_server`), or
+`trigger` on the local Postgres (`tests.services.postgres_server`). Tests that hold only in one
+mode are marked `wal_only` or `trigger_only` and skipped in the other.
+"""
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import asyncpg
@@ -9,10 +16,11 @@ import nanoid
 import pytest
 import redis.asyncio as aioredis
 
+from core.schema.ingest import Mode, set_ingest_mode
 from core.schema.migrations import migrate
 from sync.bus import Bus
 from tests.bus_readers import Reader
-from tests.services import PgServer, postgres_server, redis_server
+from tests.services import PgServer, logical_postgres_server, postgres_server, redis_server
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -22,9 +30,20 @@ def short_id() -> str:
     return str(nanoid.generate(_ALPHABET, 10))
 
 
+INGEST: Mode = "trigger" if os.environ.get("USERSTREAM_TEST_INGEST") == "trigger" else "wal"
+"""The ingest mode of every test database of this run."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    other = "trigger_only" if INGEST == "wal" else "wal_only"
+    for item in items:
+        if item.get_closest_marker(other):
+            item.add_marker(pytest.mark.skip(reason=f"holds only in {other[:-5]} ingest mode"))
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
-    with postgres_server() as server:
+    with logical_postgres_server() if INGEST == "wal" else postgres_server() as server:
         yield server
 
 
@@ -37,6 +56,7 @@ def template_database(pg_server: PgServer) -> Iterator[str]:
         conn = await asyncpg.connect(await pg_server.create_database(name))
         try:
             await migrate(conn)
+            await set_ingest_mode(conn, INGEST)
         finally:
             await conn.close()
 

@@ -30,6 +30,8 @@ from sync.outbox import read_page
 from sync.subscribers import StreamSubscriberManager, Subscriber
 from tests.factories import stream_message
 
+pytestmark = pytest.mark.trigger_only  # rows get positions at commit, from the trigger
+
 BULK_EVENTS = 98_000
 SDK_EVENTS = 2_000
 WINDOW_EVENTS = 10

@@ -17,6 +17,8 @@ from gateway.demo_world import LEADERSHIP_MEMBERS, DemoWorld, demo_world, seed
 from gateway.embedded import start_embedded_postgres
 from gateway.simulator import ActivitySimulator
 
+pytestmark = pytest.mark.trigger_only  # rows get positions at commit, from the trigger
+
 
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:

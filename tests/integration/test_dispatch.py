@@ -23,6 +23,8 @@ from sync.subscribers import StreamSubscriberManager, Subscriber
 from tests.factories import access_change, stream_message
 from tests.sse import parse
 
+pytestmark = pytest.mark.trigger_only  # rows get positions at commit, from the trigger
+
 
 class Connection:
     """One open stream: its frames are collected by a task."""

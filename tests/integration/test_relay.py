@@ -25,6 +25,8 @@ from tests.bus_readers import Reader
 from tests.factories import stream_message
 from tests.services import RedisProcess
 
+pytestmark = pytest.mark.trigger_only  # rows get positions at commit, from the trigger
+
 # Helpers
 
 

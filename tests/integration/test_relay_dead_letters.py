@@ -11,6 +11,8 @@ from sync.bus_memory import InProcessBus
 from sync.relay import OutboxRelay
 from tests.factories import stream_message
 
+pytestmark = pytest.mark.trigger_only  # rows get positions at commit, from the trigger
+
 
 @pytest.fixture
 async def relay(database_url: str) -> AsyncIterator[OutboxRelay]:

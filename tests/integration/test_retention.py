@@ -28,6 +28,8 @@ from sync.subscribers import StreamSubscriberManager, Subscriber
 from tests.factories import stream_message
 from tests.sse import parse
 
+pytestmark = pytest.mark.trigger_only  # rows get positions at commit, from the trigger
+
 DAY_S = 86_400.0
 
 # Helpers
