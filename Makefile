@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format bench bench-quick bench-latency chaos clean
+.PHONY: install demo test lint format bench bench-quick bench-latency bench-writers chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench-quick: $(STAMP)
 
 bench-latency: $(STAMP)
 	$(BIN)/python -m bench.latency
+
+bench-writers: $(STAMP)
+	$(BIN)/python -m bench.writers
+	$(BIN)/python -m bench.writers --relay-ceiling
 
 chaos: $(STAMP)
 	$(BIN)/python -m bench.chaos --minutes 10

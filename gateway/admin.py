@@ -20,18 +20,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_s
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from core.cursors import format_cursor
 from gateway.auth import static_token_refusal
 from gateway.runtime import Runtime
 from sync.faults import SERVICE_FAULTS
-from sync.relay import relay_lag
+from sync.relay import relay_status
 
 logger = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 2.0
 """Seconds `/admin/status` waits for Postgres and for the bus before reporting them down."""
-
-_RELAY_POSITION = "SELECT position, updated_at FROM outbox_relay WHERE name = $1"
 
 
 async def metrics(request: Request) -> Response:
@@ -83,19 +80,11 @@ async def _replicas(runtime: Runtime) -> list[dict[str, object]]:
 
 
 async def _relay(runtime: Runtime) -> dict[str, object]:
-    """`{"name", "position" (cursor), "updated_at", "lag_rows", "lag_seconds"}` from Postgres,
-    or `{"name", "error"}` when it does not answer."""
+    """`{"name", **sync.relay.relay_status}` from Postgres, or `{"name", "error"}` when it
+    does not answer."""
     name = runtime.settings.relay_name
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S), runtime.pool.acquire() as conn:
-            row = await conn.fetchrow(_RELAY_POSITION, name)
-            rows, seconds = await relay_lag(conn, name)
+            return {"name": name, **await relay_status(conn, name)}
     except SERVICE_FAULTS as exc:
         return {"name": name, "error": f"postgres unavailable: {type(exc).__name__}"}
-    return {
-        "name": name,
-        "position": format_cursor(int(row["position"])) if row else None,
-        "updated_at": row["updated_at"].isoformat() if row else None,
-        "lag_rows": rows,
-        "lag_seconds": round(seconds, 3),
-    }

@@ -1,8 +1,11 @@
 """Liveness (`/healthz`: the process answers) and readiness (`/readyz`: it can serve).
 
 Readiness checks Postgres (`SELECT 1`), the bus (`ping`) and reports the relay's lag (rows
-committed but not yet relayed, and the age of the oldest, from `sync.relay.relay_lag`) and
-this gateway's dispatch position. It answers 503 when Postgres or the bus is unreachable.
+committed but not yet relayed, and the age of the oldest; in wal ingest mode the slot's flush
+lag, and the slot itself: `sync.relay.relay_status`) and this gateway's dispatch position.
+It answers 503 when Postgres or the bus is unreachable; a lagging relay or a slot holding WAL
+is reported, not refused: the gateway itself can serve, and turning every replica unready
+would only move the clients' reconnects onto nothing.
 """
 
 import asyncio
@@ -12,7 +15,7 @@ from starlette.responses import JSONResponse
 
 from core.cursors import format_cursor
 from gateway.runtime import Runtime
-from sync.relay import relay_lag
+from sync.relay import relay_status
 
 CHECK_TIMEOUT_S = 2.0
 
@@ -30,9 +33,11 @@ async def readyz(request: Request) -> JSONResponse:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
             async with runtime.pool.acquire() as conn:
                 await conn.fetchval("SELECT 1")
-                rows, seconds = await relay_lag(conn, runtime.settings.relay_name)
+                relay = await relay_status(conn, runtime.settings.relay_name)
         body["postgres"] = "ok"
-        body["relay_lag"] = {"rows": rows, "seconds": round(seconds, 3)}
+        body["relay_lag"] = {"rows": relay["lag_rows"], "seconds": relay["lag_seconds"]}
+        if "slot" in relay:
+            body["slot"] = relay["slot"]
     except (TimeoutError, OSError, Exception) as exc:  # any failure means "not ready"
         body["postgres"] = f"unavailable: {type(exc).__name__}"
     body["bus"] = "ok" if await runtime.bus.ping() else "unavailable"

@@ -34,7 +34,7 @@ from core.access import (
 )
 from core.events import Event
 from core.types import Connection
-from sync.barrier import relay_barrier
+from sync.barrier import RelayBarrier
 
 _FIRST_TOUCH_AFTER = """
 SELECT DISTINCT ON (stream_id) stream_id, workspace_id, access FROM outbox
@@ -110,11 +110,13 @@ class AccessCache:
         """Workspaces whose streams are held."""
         return len(self.state.streams)
 
-    async def load(self, pool: asyncpg.Pool, user_id: str) -> Snapshot:
+    async def load(
+        self, pool: asyncpg.Pool, user_id: str, barrier: RelayBarrier | None = None
+    ) -> Snapshot:
         """Read one user's memberships, and the streams of their active workspaces that are not
         held yet, with the outbox position, in one REPEATABLE READ read-only transaction
         (consistent: every event at or before `position` is reflected; in wal ingest mode also
-        transactions not yet positioned, which a relay barrier then bounds: `settled`).
+        transactions not yet positioned, which `barrier`, when given, then bounds: `settled`).
         """
         async with (
             pool.acquire() as conn,
@@ -136,7 +138,9 @@ class AccessCache:
             }
             wanted = user.active_workspaces() - self.state.streams.keys()
             streams = await _load_streams(conn, wanted)
-        settled = (await relay_barrier(pool) or position) if head["wal"] else position
+        settled = position
+        if head["wal"] and barrier is not None:
+            settled = await barrier.wait() or position
         return Snapshot(position, user, streams, settled)
 
     def install(self, snapshot: Snapshot, replay: Iterable[Event]) -> bool:
@@ -196,7 +200,11 @@ class AccessCache:
         return missing
 
     async def load_workspaces(
-        self, pool: asyncpg.Pool, workspace_ids: Iterable[str], at: int
+        self,
+        pool: asyncpg.Pool,
+        workspace_ids: Iterable[str],
+        at: int,
+        barrier: RelayBarrier | None = None,
     ) -> None:
         """Load and hold the streams of workspaces a connected user has just turned active in,
         as they stood at position `at` (the dispatcher's position).
@@ -206,8 +214,8 @@ class AccessCache:
         `stream` event after `at` carries (the row before that transaction, captured by a
         trigger on `streams`: core/schema/002_outbox.sql; in wal ingest mode, read from the
         log by the relay), or removed if it did not exist. In wal mode the load may see
-        transactions not yet positioned: a relay barrier after it waits until they are, and
-        the touches are read after the barrier.
+        transactions not yet positioned: `barrier`, when given, waits until they are, and the
+        touches are read after it.
         """
         ids = sorted(set(workspace_ids))
         async with (
@@ -217,10 +225,10 @@ class AccessCache:
             [head] = await conn.fetch(_POSITION_AND_MODE)
             wal = bool(head["wal"])
             loaded = await _load_streams(conn, ids)
-            if not wal:
+            if not (wal and barrier):
                 touched = await conn.fetch(_FIRST_TOUCH_AFTER, ids, at)
-        if wal:
-            await relay_barrier(pool)
+        if wal and barrier:
+            await barrier.wait()
             async with pool.acquire() as conn:
                 touched = await conn.fetch(_FIRST_TOUCH_AFTER, ids, at)
         for r in touched:

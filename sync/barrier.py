@@ -21,6 +21,7 @@ import asyncpg
 import nanoid
 
 from core.events import BARRIER_TYPE
+from core.types import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +36,52 @@ _INSERT = (
 _POSITION = "SELECT seq FROM outbox WHERE id = $1"
 
 
-async def relay_barrier(pool: asyncpg.Pool, timeout_s: float = BARRIER_WAIT_S) -> int | None:
-    """Write a barrier row and return its position once the relay gave it one: every
-    transaction committed before this call has a smaller position. None when the relay did
-    not position it within `timeout_s` seconds (relay down or held back). Raises what asyncpg
-    raises when Postgres fails."""
-    async with pool.acquire() as conn:
-        row_id = await conn.fetchval(_INSERT, BARRIER_TYPE, nanoid.generate(size=12))
-        delay = 0.0005
+class RelayBarrier:
+    """The barriers of one pool (`wait`). Callers that arrive before a barrier row is written
+    share it (its INSERT starts after each of their snapshots), so a connect storm writes one
+    row per round trip, not one per connect. `timeout_s`: see `wait`."""
+
+    def __init__(self, pool: asyncpg.Pool, timeout_s: float = BARRIER_WAIT_S) -> None:
+        self.pool = pool
+        self.timeout_s = timeout_s
+        self.forming: asyncio.Future[int | None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def wait(self) -> int | None:
+        """Write a barrier row (or join one not yet written) and return its position once the
+        relay gave it one: every transaction committed before this call has a smaller
+        position. None when the relay did not position it within `timeout_s` seconds (relay
+        down or held back). Raises what asyncpg raises when Postgres fails."""
+        if self.forming is None:
+            self.forming = asyncio.get_running_loop().create_future()
+            task = asyncio.get_running_loop().create_task(self._write(self.forming))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(self.forming)
+
+    async def _write(self, done: "asyncio.Future[int | None]") -> None:
         try:
-            async with asyncio.timeout(timeout_s):
-                while (seq := await conn.fetchval(_POSITION, row_id)) is None:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.02)
-        except TimeoutError:
-            logger.info("relay barrier not positioned within %.1f s: going on", timeout_s)
-            return None
+            async with self.pool.acquire() as conn:
+                self.forming = None  # callers from now on may hold later snapshots
+                row_id = await conn.fetchval(_INSERT, BARRIER_TYPE, nanoid.generate(size=12))
+                done.set_result(await _positioned(conn, row_id, self.timeout_s))
+        except BaseException as exc:
+            if self.forming is done:
+                self.forming = None
+            if not done.done():
+                done.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+
+async def _positioned(conn: Connection, row_id: int, timeout_s: float) -> int | None:
+    delay = 0.0005
+    try:
+        async with asyncio.timeout(timeout_s):
+            while (seq := await conn.fetchval(_POSITION, row_id)) is None:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.02)
+    except TimeoutError:
+        logger.info("relay barrier not positioned within %.1f s: going on", timeout_s)
+        return None
     return int(seq)

@@ -179,7 +179,7 @@ def _frames(
 
 async def _install(dispatcher: Dispatcher, user_id: str) -> Snapshot:
     for _ in range(INSTALL_ATTEMPTS):
-        snapshot = await dispatcher.cache.load(dispatcher.pool, user_id)
+        snapshot = await dispatcher.cache.load(dispatcher.pool, user_id, dispatcher.barrier)
         if not await dispatcher.reached(snapshot.settled, DISPATCH_WAIT_S):
             logger.debug("dispatcher behind position %d: installing ahead", snapshot.position)
         if snapshot.position < dispatcher.window.floor:

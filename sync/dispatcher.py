@@ -31,6 +31,7 @@ from core.frames import PING, encode_change
 from core.types import Frame
 from sync import metrics
 from sync.access_cache import AccessCache
+from sync.barrier import RelayBarrier
 from sync.bus import Batch, Bus
 from sync.outbox import read_page
 from sync.retention import pruned_through
@@ -101,6 +102,7 @@ class Dispatcher:
     ) -> None:
         self.bus = bus
         self.pool = pool
+        self.barrier = RelayBarrier(pool)
         self.manager = manager
         self.cache = cache
         self.window = RecentEvents(window_events)
@@ -193,7 +195,9 @@ class Dispatcher:
             return
         missing = self.cache.missing_workspaces(events)
         if missing:
-            await self.cache.load_workspaces(self.pool, missing, at=self.position)
+            await self.cache.load_workspaces(
+                self.pool, missing, at=self.position, barrier=self.barrier
+            )
         self.dispatch(events)
         self.cache.evict_idle()
         self._advanced.set()

@@ -51,6 +51,7 @@ from typing import Any
 import asyncpg
 from redis.backoff import EqualJitterBackoff
 
+from core.cursors import format_cursor
 from core.schema.ingest import ingest_mode, slot_name
 from core.schema.migrations import NOTIFY_CHANNEL
 from core.types import Connection
@@ -97,6 +98,7 @@ _LOAD_POSITION = "SELECT position FROM outbox_relay WHERE name = $1"
 _SAVE_POSITION = (
     "UPDATE outbox_relay SET position = greatest(position, $2), updated_at = now() WHERE name = $1"
 )
+_POSITION_ROW = "SELECT position, updated_at FROM outbox_relay WHERE name = $1"
 _LAG = """
 SELECT count(*) AS rows,
        coalesce(greatest(extract(epoch FROM clock_timestamp() - min(committed_at)), 0), 0)::float8
@@ -442,6 +444,61 @@ async def relay_lag(conn: Connection, name: str = "default") -> tuple[int, float
     """
     row = await conn.fetchrow(_LAG, name)
     return int(row["rows"]), float(row["seconds"])
+
+
+_WAL_STATUS = """
+SELECT r.assigned, r.updated_at, s.active, s.wal_status,
+       coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn), 0)::bigint AS retained,
+       coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn), 0)::bigint AS lag,
+       coalesce(extract(epoch FROM a.flush_lag), 0)::float8 AS lag_seconds
+  FROM (SELECT $1::text AS name) n
+  LEFT JOIN outbox_relay r ON r.name = n.name
+  LEFT JOIN pg_replication_slots s ON s.slot_name = $2
+  LEFT JOIN pg_stat_replication a ON a.pid = s.active_pid
+"""
+
+
+async def relay_status(conn: Connection, name: str = "default") -> dict[str, object]:
+    """The relay's progress as `/readyz` and `/admin/status` report it (JSON types).
+
+    Trigger ingest: `{"ingest", "position" (cursor or None), "updated_at", "lag_rows",
+    "lag_seconds"}` (`relay_lag`). Wal ingest: the same keys, `position` being the last
+    position given and `lag_rows` None (rows not yet positioned are not counted: that would
+    scan the outbox), `lag_seconds` the slot's flush lag (`pg_stat_replication.flush_lag`,
+    0 when caught up), plus `slot`: `{"name", "active", "wal_status", "retained_bytes",
+    "lag_bytes"}` (`wal_status` "lost" means the server invalidated it; the relay recreates
+    it, see sync/wal.py), or None when the slot does not exist.
+    Raises what asyncpg raises when Postgres fails.
+    """
+    if await ingest_mode(conn) == "trigger":
+        row = await conn.fetchrow(_POSITION_ROW, name)
+        rows, seconds = await relay_lag(conn, name)
+        return {
+            "ingest": "trigger",
+            "position": format_cursor(int(row["position"])) if row else None,
+            "updated_at": row["updated_at"].isoformat() if row else None,
+            "lag_rows": rows,
+            "lag_seconds": round(seconds, 3),
+        }
+    slot = slot_name(str(await conn.fetchval("SELECT current_database()")))
+    row = await conn.fetchrow(_WAL_STATUS, name, slot)
+    assigned = row["assigned"]
+    return {
+        "ingest": "wal",
+        "position": format_cursor(int(assigned)) if assigned is not None else None,
+        "updated_at": row["updated_at"].isoformat() if row["updated_at"] else None,
+        "lag_rows": None,
+        "lag_seconds": round(float(row["lag_seconds"]), 3),
+        "slot": None
+        if row["active"] is None
+        else {
+            "name": slot,
+            "active": row["active"],
+            "wal_status": row["wal_status"],
+            "retained_bytes": int(row["retained"]),
+            "lag_bytes": int(row["lag"]),
+        },
+    }
 
 
 async def slot_lag(conn: Connection, slot: str) -> tuple[int, int]:

@@ -412,7 +412,10 @@ class WalIngest:
     async def step(self, conn: PgConnection, wait_s: float) -> int:
         """Read what the slot sent (waiting up to `wait_s` seconds for the first message),
         position the whole transactions, publish them, acknowledge. Returns the events and
-        malformed rows handled (0 when nothing came)."""
+        malformed rows handled (0 when nothing came). Events positioned by an earlier step
+        whose publish failed are published first, from Postgres."""
+        if self.position < self.assigned:
+            await self._republish(conn)
         messages = await self._stream.read(wait_s, self.read_limit)
         fed = self._reader.feed([payload for _, payload in messages])
         txns = [t for t in fed if t.end_lsn > self.lsn]
@@ -446,8 +449,9 @@ class WalIngest:
             metrics.RELAY_EVENTS.inc(len(events))
 
     async def _republish(self, conn: Connection) -> None:
-        """Publish the events of `(position, assigned]` again: a crash may have come between
-        positioning them and publishing them; the bus refuses what it holds already."""
+        """Publish the events of `(position, assigned]` again: a crash or a failed publish may
+        have come between positioning them and publishing them; the bus refuses what it holds
+        already."""
         while self.position < self.assigned:
             page = await read_page(conn, self.position, 1000)
             if page.last == self.position:

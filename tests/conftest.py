@@ -8,7 +8,6 @@ mode are marked `wal_only` or `trigger_only` and skipped in the other.
 """
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import asyncpg
@@ -16,11 +15,17 @@ import nanoid
 import pytest
 import redis.asyncio as aioredis
 
-from core.schema.ingest import Mode, set_ingest_mode
+from core.schema.ingest import set_ingest_mode
 from core.schema.migrations import migrate
 from sync.bus import Bus
 from tests.bus_readers import Reader
-from tests.services import PgServer, logical_postgres_server, postgres_server, redis_server
+from tests.services import (
+    INGEST,
+    PgServer,
+    logical_postgres_server,
+    postgres_server,
+    redis_server,
+)
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -28,10 +33,6 @@ _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 def short_id() -> str:
     """A random lower-case id, usable in database names and Redis prefixes."""
     return str(nanoid.generate(_ALPHABET, 10))
-
-
-INGEST: Mode = "trigger" if os.environ.get("USERSTREAM_TEST_INGEST") == "trigger" else "wal"
-"""The ingest mode of every test database of this run."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from core.events import Event
+from core.events import INTERNAL_TYPES, Event
 from core.publish import OutboxEvent
 from sync.bus import Batch
 
@@ -127,3 +127,8 @@ def access_change(resource_type: str, action: str, entity_id: str, **scope: Any)
         entity_id=entity_id,
         **scope,
     )
+
+
+PUBLISHED = "type NOT IN ({})".format(", ".join(f"'{t}'" for t in sorted(INTERNAL_TYPES)))
+"""SQL condition on outbox rows: written by a publisher, not an access image or a barrier of
+wal ingest (core.events.INTERNAL_TYPES)."""

@@ -28,6 +28,7 @@ from urllib.parse import quote
 import asyncpg
 import redis
 
+from core.schema.ingest import Mode
 from gateway.embedded import LOGICAL_DECODING, prepare_pgdata
 
 LOGICAL_TEST_SETTINGS: Final[Mapping[str, str]] = {
@@ -44,6 +45,10 @@ LOGICAL_TEST_SETTINGS: Final[Mapping[str, str]] = {
 """Settings of the throwaway logical-decoding server: room for many relays' slots at once."""
 
 _SLOT_DROP_TIMEOUT_S: Final = 5.0
+
+
+INGEST: Mode = "trigger" if os.environ.get("USERSTREAM_TEST_INGEST") == "trigger" else "wal"
+"""The ingest mode of every test database of this run (`USERSTREAM_TEST_INGEST`, default wal)."""
 
 
 @dataclass(frozen=True)

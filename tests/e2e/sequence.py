@@ -36,7 +36,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 
 from core.publish import publish
 from tests.e2e.harness import bearer
-from tests.factories import stream_message
+from tests.factories import PUBLISHED, stream_message
 
 SECRET_EVERY = 4
 """Number n goes to `secret` when n % SECRET_EVERY == SECRET_EVERY - 1, else to `general`."""
@@ -373,6 +373,10 @@ def assert_exactly_once_in_order(client: ResumingClient, expected: Sequence[int]
 
 async def assert_outbox_holds(db: asyncpg.Connection, log: Sequence[Published]) -> None:
     """Assert that the outbox holds the sequence of `log` once each, in commit (`seq`) order:
-    the publisher's retries doubled nothing."""
-    rows = await db.fetch("SELECT entity_id FROM outbox ORDER BY seq")
-    assert [r["entity_id"] for r in rows] == [entity_of(p.number) for p in log]
+    the publisher's retries doubled nothing. Call it once the relay has positioned them all
+    (in wal ingest mode it does so after commit)."""
+    rows = await db.fetch(f"SELECT entity_id FROM outbox WHERE {PUBLISHED} ORDER BY seq")
+    got, want = [r["entity_id"] for r in rows], [entity_of(p.number) for p in log]
+    assert got == want, f"outbox {len(got)} rows, log {len(want)}: first difference at " + str(
+        next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+    )

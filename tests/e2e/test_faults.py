@@ -50,7 +50,7 @@ from tests.e2e.sequence import (
     expected_for,
     seed,
 )
-from tests.services import RedisProcess
+from tests.services import INGEST, RedisProcess
 
 Connect = Callable[..., Awaitable[ResumingClient]]
 
@@ -135,9 +135,9 @@ async def finish(
 ) -> None:
     """Stop the publisher, wait for its last event everywhere, and check every client."""
     log = await publisher.stop()
-    await assert_outbox_holds(db, log)
     for client in clients:
         await client.wait_for_number(log[-1].number)
+    await assert_outbox_holds(db, log)
     for client in clients:
         assert_exactly_once_in_order(client, expected_for(client.user_id, log))
 
@@ -306,8 +306,9 @@ async def test_the_standby_relay_takes_over_from_a_killed_one_and_nothing_arrive
     assert active is not None
     victim = relays.pop(active)
     [standby] = relays.values()
-    # Kill the active relay where it hurts most: after it published a batch, before it
-    # recorded its position. The standby then publishes those events again.
+    # Kill the active relay where it hurts most. Trigger ingest: after it published a batch,
+    # before it recorded its position; the standby then publishes those events again. Wal
+    # ingest: while it gives positions, before it records them; the standby gives the same.
     async with pinned_relay_position(database_url):
         await eventually(lambda: waits_on_a_lock(db, victim.pid), "the relay to block")
         victim.kill()
@@ -327,7 +328,8 @@ async def test_the_standby_relay_takes_over_from_a_killed_one_and_nothing_arrive
 
     await finish(db, publisher, everyone)
     assert standby.poll() is None
-    assert await republished(redis_url, redis_prefix), "no batch overlapped an earlier one"
+    if INGEST == "trigger":
+        assert await republished(redis_url, redis_prefix), "no batch overlapped an earlier one"
 
 
 async def test_clients_of_a_killed_gateway_resume_elsewhere_with_exactly_what_they_missed(

@@ -16,6 +16,7 @@ import orjson
 
 from tests.e2e.harness import Processes, StreamClient, bearer, eventually, scrape
 from tests.e2e.sequence import WAIT_S, seed
+from tests.factories import PUBLISHED
 from tests.services import PgServer
 
 PUBLISH_TOKEN = "publish-secret-for-tests-5d1c9e"
@@ -61,7 +62,7 @@ def assert_problem(response: httpx.Response, status: int, detail: str) -> dict[s
 
 
 async def outbox_rows(db: asyncpg.Connection) -> int:
-    return int(await db.fetchval("SELECT count(*) FROM outbox"))
+    return int(await db.fetchval(f"SELECT count(*) FROM outbox WHERE {PUBLISHED}"))
 
 
 async def publish_metrics(url: str) -> dict[str, float]:
@@ -127,7 +128,9 @@ async def test_the_events_of_one_request_commit_in_one_transaction_in_order(
     await alice.wait_for(lambda: len(alice.changes()) == 3)
     await alice.close()
 
-    rows = await db.fetch("SELECT id, seq, xid, entity_id FROM outbox ORDER BY seq")
+    rows = await db.fetch(
+        f"SELECT id, seq, xid, entity_id FROM outbox WHERE {PUBLISHED} ORDER BY seq"
+    )
     assert body == {"accepted": 3, "ids": [r["id"] for r in rows]}
     assert [r["entity_id"] for r in rows] == order
     assert len({r["xid"] for r in rows}) == 1
@@ -174,7 +177,7 @@ async def test_a_missing_or_wrong_token_gets_401_and_no_token_is_logged(
         assert_problem(response, 401, "publish token")
         assert response.headers["www-authenticate"] == "Bearer"
     assert accepted.status_code == 202, accepted.text
-    assert await db.fetchval("SELECT array_agg(entity_id) FROM outbox") == ["m2"]
+    assert await db.fetchval(f"SELECT array_agg(entity_id) FROM outbox WHERE {PUBLISHED}") == ["m2"]
     text = log_file.read_text()
     assert "POST /publish" in text
     assert PUBLISH_TOKEN not in text and WRONG_TOKEN not in text
@@ -355,6 +358,8 @@ async def test_postgres_outage_gets_503_with_retry_after(
     assert int(down.headers["retry-after"]) > 0
     check = await asyncpg.connect(pg_server.dsn(database))
     try:
-        assert await check.fetchval("SELECT array_agg(entity_id) FROM outbox") == ["m2"]
+        assert await check.fetchval(
+            f"SELECT array_agg(entity_id) FROM outbox WHERE {PUBLISHED}"
+        ) == ["m2"]
     finally:
         await check.close()
