@@ -19,7 +19,7 @@ import bisect
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import asyncpg
 
@@ -36,6 +36,10 @@ from sync.bus import Batch, Bus
 from sync.outbox import read_page
 from sync.retention import pruned_through
 from sync.subscribers import StreamSubscriberManager, Subscriber
+
+PRESSURE_PAUSE_S = 0.005
+"""How long the dispatcher lets sockets drain, after a transaction that filled half of some
+stream's buffer, before the next one, seconds."""
 
 RESYNC = "resync"
 """The `close` reason sent when events this gateway should have delivered are gone from both
@@ -113,6 +117,7 @@ class Dispatcher:
         self.slow_consumers = 0
         self._advanced = asyncio.Event()
         self._unflushed: dict[Subscriber, None] = {}
+        self._pressed = False
         """Subscribers given frames since the last flush, each once (an ordered set)."""
 
     async def start(self) -> None:
@@ -198,7 +203,16 @@ class Dispatcher:
             await self.cache.load_workspaces(
                 self.pool, missing, at=self.position, barrier=self.barrier
             )
-        self.dispatch(events)
+        for transaction in _transactions(events):
+            self._dispatch_transaction(transaction)
+            if self._pressed:
+                # A burst filled half of some buffer: give the sockets that take data a moment
+                # to take it before the next transaction, rather than cut off a client that
+                # reads. It cannot last: a client that reads slower than the stream fills its
+                # buffer and is cut off (PROTOCOL.md §4 Isolation), and then nothing presses.
+                self._pressed = False
+                self.flush()
+                await asyncio.sleep(PRESSURE_PAUSE_S)
         self.cache.evict_idle()
         self._advanced.set()
         self._advanced = asyncio.Event()
@@ -219,11 +233,8 @@ class Dispatcher:
         Frames are queued; the subscribers given any are flushed once the current task step
         ends (`loop.call_soon`), so all the batches of one bus read reach each socket in one
         write (`sync.subscribers`)."""
-        start = 0
-        for end in range(1, len(events) + 1):
-            if end == len(events) or events[end].xid != events[start].xid:
-                self._dispatch_transaction(events[start:end])
-                start = end
+        for transaction in _transactions(events):
+            self._dispatch_transaction(transaction)
 
     def flush(self) -> None:
         """Hand every subscriber given frames since the last flush its chunk."""
@@ -271,6 +282,8 @@ class Dispatcher:
             if subscriber.queue(own, event.committed_at):
                 unflushed[subscriber] = None
                 delivered += 1
+                if subscriber.buffered_bytes > subscriber.max_buffer_bytes // 2:
+                    self._pressed = True
             else:
                 slow.append(subscriber)
         if delivered and not flushing:
@@ -311,3 +324,12 @@ class Dispatcher:
         `retry:` and `event: close` with `reason` (PROTOCOL.md §3); it resumes by cursor."""
         self.manager.unregister(subscriber.id)
         subscriber.close(reason, farewell=self.retry_frame())
+
+
+def _transactions(events: Sequence[Event]) -> Iterator[Sequence[Event]]:
+    """`events` (in position order) cut into runs of one transaction (one xid) each."""
+    start = 0
+    for end in range(1, len(events) + 1):
+        if end == len(events) or events[end].xid != events[start].xid:
+            yield events[start:end]
+            start = end

@@ -7,8 +7,10 @@ Because `seq` is drawn at commit under one lock, a row that commits later always
 messaging guarantees"; commanded/eventstore#3). No wall-clock gap detection is needed.
 """
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import orjson
 
@@ -52,13 +54,23 @@ async def fetch_after(conn: Connection, after: int, limit: int) -> list[Row]:
     must see all of them together to judge them against the state after that transaction
     (PROTOCOL.md §2). A page may therefore hold more than `limit` rows.
     """
-    rows = list(await conn.fetch(f"{_SELECT} WHERE seq > $1 ORDER BY seq LIMIT $2", after, limit))
-    if len(rows) == limit and rows:
-        last = rows[-1]
-        rows += await conn.fetch(
-            f"{_SELECT} WHERE seq > $1 AND xid = $2 ORDER BY seq", last["seq"], last["xid"]
-        )
+    query = f"{_SELECT} WHERE seq > $1 ORDER BY seq LIMIT $2"
+    rows = list(await conn.fetch(query, after, limit))
+    page = rows
+    # The rest of the last transaction: following pages by the `seq` index while their rows
+    # carry its xid (a filter on `xid` alone would scan the table: `xid` has no index).
+    while len(page) == limit:
+        xid = rows[-1]["xid"]
+        page = list(await conn.fetch(query, rows[-1]["seq"], limit))
+        same = list(itertools.takewhile(partial(_in_transaction, xid), page))
+        rows += same
+        if len(same) < len(page):
+            break
     return rows
+
+
+def _in_transaction(xid: int, row: Row) -> bool:
+    return bool(row["xid"] == xid)
 
 
 async def read_page(conn: Connection, after: int, limit: int) -> Page:

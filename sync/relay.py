@@ -232,6 +232,7 @@ class OutboxRelay:
                 self.bus,
                 slot=slot_name(database),
                 name=self.name,
+                read_limit=self.batch_size,
                 timeout_s=self.query_timeout_s,
             )
             await self.wal.start(conn)

@@ -313,7 +313,11 @@ async def _position_rows(
     owner: dict[int, Transaction],
     reference: int,
 ) -> list[Row]:
-    """UPDATE the rows' positions, waiting for transactions not yet visible (module doc)."""
+    """UPDATE the rows' positions, waiting for transactions not yet visible (module doc).
+
+    Rows still missing are looked for again until their transactions are visible; an UPDATE
+    run *after* every missing row's transaction was seen visible and still not finding them
+    proves them deleted (logged; their positions stay unused)."""
     rows: list[Row] = list(await conn.fetch(_POSITION_ROWS, ids, seqs, times))
     deadline = asyncio.get_running_loop().time() + VISIBILITY_WAIT_S
     delay = 0.0005
@@ -321,22 +325,26 @@ async def _position_rows(
         done = {int(r["id"]) for r in rows}
         missing = [i for i, row_id in enumerate(ids) if row_id not in done]
         xids = {_full_xid(owner[ids[i]].xid32, reference) for i in missing}
-        visible = [bool(await conn.fetchval(_VISIBLE, str(x))) for x in xids]
-        if all(visible) or asyncio.get_running_loop().time() > deadline:
-            logger.warning(
-                "%d outbox rows of committed transactions are gone (ids %s...): not published",
-                len(missing),
-                [ids[i] for i in missing[:5]],
-            )
-            break
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
-        rows += await conn.fetch(
+        all_visible = all([bool(await conn.fetchval(_VISIBLE, str(x))) for x in xids])
+        late = asyncio.get_running_loop().time() > deadline
+        if not all_visible and not late:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        found = await conn.fetch(
             _POSITION_ROWS,
             [ids[i] for i in missing],
             [seqs[i] for i in missing],
             [times[i] for i in missing],
         )
+        rows += found
+        if (all_visible or late) and len(found) < len(missing):
+            gone = [ids[i] for i in missing if ids[i] not in {int(r["id"]) for r in found}]
+            logger.warning(
+                "%d outbox rows of committed transactions are gone (ids %s...): not published",
+                len(gone),
+                gone[:5],
+            )
+            break
     return rows
 
 

@@ -138,7 +138,8 @@ class StreamClient:
         while not condition():
             if self._task is not None and self._task.done():
                 self._task.result()
-                raise AssertionError(f"stream ended; received {self.kinds()}")
+                ending = self.events[-1].data if self.events else ""
+                raise AssertionError(f"stream ended ({ending}); received {self.kinds()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out; received {self.kinds()}")
             await asyncio.sleep(0.01)
