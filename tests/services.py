@@ -58,6 +58,19 @@ class PgServer:
     host: str
     port: int
     user: str = "postgres"
+    data_dir: Path | None = None
+    """The server's data folder when these tests started it (`restart` needs it)."""
+
+    def restart(self) -> None:
+        """Restart the server (`pg_ctl restart -m fast`: sessions end, data stays), waiting
+        until it accepts connections again. Raises RuntimeError for a server these tests did
+        not start, subprocess.CalledProcessError when pg_ctl fails."""
+        if self.data_dir is None:
+            raise RuntimeError("only a server started by the tests can be restarted")
+        from pgserver._commands import pg_ctl
+
+        user = "pgserver" if os.geteuid() == 0 else None
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.data_dir, user=user, timeout=30)
 
     def dsn(self, database: str) -> str:
         """A libpq/asyncpg DSN for one database of this server."""
@@ -193,7 +206,7 @@ def logical_postgres_server() -> Iterator[PgServer]:
         server = get_server(folder, cleanup_mode="delete")
         try:
             info = server.get_postmaster_info()
-            yield PgServer(str(info.socket_dir), int(info.port or 5432))
+            yield PgServer(str(info.socket_dir), int(info.port or 5432), data_dir=folder)
         finally:
             server.cleanup()
     finally:

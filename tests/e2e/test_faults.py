@@ -50,7 +50,7 @@ from tests.e2e.sequence import (
     expected_for,
     seed,
 )
-from tests.services import INGEST, RedisProcess
+from tests.services import INGEST, PgServer, RedisProcess
 
 Connect = Callable[..., Awaitable[ResumingClient]]
 
@@ -398,3 +398,79 @@ async def test_relay_and_gateways_outlive_terminated_postgres_connections(
             return status == 200 and body["postgres"] == "ok"
 
         await eventually(ready, f"{gateway.url}/readyz to answer 200")
+
+
+async def slot_behind_recorded(db: asyncpg.Connection) -> bool:
+    """True when the slot's acknowledged LSN is behind the LSN the relay recorded with its
+    positions (wal ingest): the server would send those transactions again."""
+    return bool(
+        await db.fetchval(
+            "SELECT s.confirmed_flush_lsn < r.lsn FROM pg_replication_slots s, outbox_relay r"
+            " WHERE s.database = current_database() AND r.name = 'default'"
+        )
+    )
+
+
+@pytest.mark.wal_only
+async def test_a_relay_killed_between_publishing_and_acknowledging_the_slot_doubles_nothing(
+    processes: Processes, db: asyncpg.Connection, publisher: Publisher, clients: Connect
+) -> None:
+    await seed(db)
+    relay = processes.start("relay")
+    gateway = processes.gateway()
+    everyone = [
+        await clients("alice", [gateway.url], name="alice"),
+        await clients("bob", [gateway.url], name="bob", churn_s=0.4),
+    ]
+    publisher.start()
+    await publisher.wait_count(40)
+    # Freeze the relay until it is caught where the slot lags what it recorded and
+    # published (it acknowledges once a second), then kill it there.
+    for _ in range(200):
+        relay.send_signal(signal.SIGSTOP)
+        if await slot_behind_recorded(db):
+            break
+        relay.send_signal(signal.SIGCONT)
+        await asyncio.sleep(0.013)
+    else:
+        raise AssertionError("never caught the relay between publishing and acknowledging")
+    relay.kill()
+    assert relay.wait() == -signal.SIGKILL
+    await publisher.wait_count(publisher.count + 20)  # committed while no relay runs
+    successor = processes.start("relay")
+    await publisher.wait_count(publisher.count + 40)
+
+    await finish(db, publisher, everyone)
+    assert successor.poll() is None
+
+
+@pytest.mark.wal_only
+async def test_wal_ingest_outlives_a_postgres_restart(
+    processes: Processes,
+    pg_server: PgServer,
+    database_url: str,
+    db: asyncpg.Connection,
+    publisher: Publisher,
+    clients: Connect,
+) -> None:
+    if pg_server.data_dir is None:
+        pytest.skip("restarts only a Postgres these tests started (USERSTREAM_TEST_PG_WAL set)")
+    await seed(db)
+    relay = processes.start("relay")
+    first = processes.gateway()
+    second = processes.gateway()
+    everyone = [
+        await clients("alice", [first.url], name="alice@first"),
+        await clients("bob", [second.url, first.url], name="bob-churning", churn_s=0.5),
+    ]
+    publisher.start()
+    await publisher.wait_count(40)
+    await asyncio.to_thread(pg_server.restart)
+    await publisher.wait_count(publisher.count + 60)
+
+    check = await asyncpg.connect(database_url)
+    try:
+        await finish(check, publisher, everyone)
+    finally:
+        await check.close()
+    assert relay.poll() is None
