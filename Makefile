@@ -22,8 +22,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check core sync gateway tests bench
 	$(BIN)/mypy core sync gateway
 
+# Every test in wal ingest mode (the default), then the trigger-mode suite: the tests of its
+# own relay and schema, and the end-to-end guarantees again (tests/conftest.py).
+TRIGGER_SUITE := tests/integration tests/e2e/test_access_property.py tests/e2e/test_faults.py \
+	tests/e2e/test_stream.py tests/e2e/test_must_refetch.py
+
 test: lint
-	$(BIN)/pytest
+	USERSTREAM_PROPERTY_EXAMPLES=100 $(BIN)/pytest
+	USERSTREAM_TEST_INGEST=trigger USERSTREAM_PROPERTY_EXAMPLES=100 $(BIN)/pytest $(TRIGGER_SUITE)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix core sync gateway tests bench
