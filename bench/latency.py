@@ -1,31 +1,55 @@
 """Commit-to-receipt latency through the whole pipeline, in the end-to-end test setup.
 
-Setup: a fresh database, `userstream relay` and `userstream serve` as OS processes sharing one
-Redis, `--clients` SSE clients (httpx-sse, one process) connected as members of one workspace.
-A publisher commits `--events` events at `--rate` per second through the SDK, one transaction
-each; each client records when each event arrives. Latency = arrival time minus the time the
-publisher's COMMIT returned (same clock, same machine).
+Setup, per ingest mode (core/schema/ingest.py): a fresh database (migrated, then
+`set_ingest_mode`), `userstream relay` and `userstream serve` as OS processes sharing one
+Redis, `--clients` SSE clients (httpx-sse, one process) connected as members of one workspace
+once the relay leads (in wal mode: once its slot streams). A publisher commits `--events`
+events at `--rate` per second through the SDK, one transaction each; each client records when
+each event arrives. Latency = arrival time minus the time the publisher's COMMIT returned
+(same clock, same machine); this benchmark has always measured from there.
 
 Baseline, measured in the same run: the latency of a bare Postgres LISTEN/NOTIFY round trip
 (commit -> notification on another connection), the floor any outbox-based design pays.
 
-    .venv/bin/python -m bench.latency [--clients 20] [--events 400] [--rate 100]
+Server. `--ingest wal` (the default) and `--ingest both` (wal, then trigger, on the same
+server, so the two are comparable) run on a Postgres 16 with logical decoding and durable
+commits started here (`bench.writers.durable_logical_server`: fsync, synchronous_commit and
+full_page_writes on); `--ingest trigger` alone runs on the tests' server
+(`tests.services.postgres_server`, as before ingest modes existed). The header names the
+server's version and commit settings.
+
+    .venv/bin/python -m bench.latency [--ingest wal|trigger|both] [--clients 20] [--events 400]
+                                      [--rate 100]
 """
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Final
 
 import asyncpg
 import nanoid
 
+from bench.writers import durable_logical_server, wait_leading
 from core.publish import OutboxEvent, publish
+from core.schema.ingest import Mode, set_ingest_mode
 from core.schema.migrations import migrate
 from tests.e2e.harness import JWT_SECRET, Processes, StreamClient, bearer
 from tests.services import PgServer, postgres_server, redis_server
+
+INGEST_CHOICES: Final = ("wal", "trigger", "both")
+"""`--ingest`: one ingest mode, or `both` (wal then trigger, on one server)."""
+
+DEFINITION: Final = (
+    "latency = receipt at the client - return of the publisher's COMMIT (same clock); the"
+    " definition this benchmark has always used (unchanged)"
+)
+
+Row = dict[str, float]
 
 
 def percentiles(samples_s: Sequence[float]) -> dict[str, float]:
@@ -104,8 +128,11 @@ async def pipeline(dsn: str, url: str, clients: int, count: int, rate: float) ->
     return samples
 
 
-async def run(pg: PgServer, redis_url: str, clients: int, count: int, rate: float) -> None:
-    """Set up a database and processes, measure baseline then pipeline, print a table."""
+async def run(
+    pg: PgServer, redis_url: str, mode: Mode, clients: int, count: int, rate: float
+) -> tuple[Row, Row]:
+    """Set up a database in ingest `mode` and its processes, wait until the relay leads,
+    measure the NOTIFY baseline then the pipeline; returns both as `percentiles` rows."""
     name = f"usbench_{nanoid.generate('abcdefghijklmnopqrstuvwxyz', 8)}"
     dsn = await pg.create_database(name)
     processes = Processes(
@@ -120,23 +147,62 @@ async def run(pg: PgServer, redis_url: str, clients: int, count: int, rate: floa
     try:
         conn = await asyncpg.connect(dsn)
         await migrate(conn)
+        await set_ingest_mode(conn, mode)
         await seed(conn, clients)
         await conn.close()
         processes.start("relay")
+        await wait_leading(dsn, mode)
         gateway = processes.gateway()
         baseline = percentiles(await notify_baseline(dsn, count, rate))
         result = percentiles(await pipeline(dsn, gateway.url, clients, count, rate))
     finally:
         processes.stop_all()
         await pg.drop_database(name)
+    return baseline, result
+
+
+async def describe(pg: PgServer) -> str:
+    """The server's version and commit settings, one line."""
+    conn = await asyncpg.connect(pg.dsn("postgres"))
+    try:
+        names = ("server_version", "fsync", "synchronous_commit", "wal_level")
+        values = {n: await conn.fetchval(f"SHOW {n}") for n in names}
+    finally:
+        await conn.close()
+    where = "pgserver, durable settings" if pg.data_dir else f"{pg.host}:{pg.port}"
+    return (
+        f"postgres {values['server_version']} ({where}): fsync={values['fsync']}"
+        f" synchronous_commit={values['synchronous_commit']} wal_level={values['wal_level']}"
+    )
+
+
+async def run_all(
+    pg: PgServer, redis_url: str, modes: Sequence[Mode], clients: int, count: int, rate: float
+) -> None:
+    """Measure each mode in turn on `pg`, then print one table."""
+    server = await describe(pg)
+    results = [(mode, *await run(pg, redis_url, mode, clients, count, rate)) for mode in modes]
     print(
         f"commit -> receipt, {count} events at {rate:g}/s, {clients} clients, cpus {os.cpu_count()}"
     )
-    print(f"{'':<28}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
-    for label, row in (("LISTEN/NOTIFY (baseline)", baseline), ("userstream pipeline", result)):
-        print(f"{label:<28}{row['p50']:>10.2f}{row['p99']:>10.2f}{row['max']:>10.2f}")
-    print(f"{'ratio p50 / p99':<28}{result['p50'] / baseline['p50']:>10.1f}"
-          f"{result['p99'] / baseline['p99']:>10.1f}")  # fmt: skip
+    print(server)
+    print(DEFINITION)
+    print(f"{'':<34}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
+    for mode, baseline, result in results:
+        for label, row in (
+            (f"{mode}: LISTEN/NOTIFY (baseline)", baseline),
+            (f"{mode}: userstream pipeline", result),
+        ):
+            print(f"{label:<34}{row['p50']:>10.2f}{row['p99']:>10.2f}{row['max']:>10.2f}")
+        print(f"{mode + ': ratio p50 / p99':<34}{result['p50'] / baseline['p50']:>10.1f}"
+              f"{result['p99'] / baseline['p99']:>10.1f}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def server_for(modes: Sequence[Mode]) -> Iterator[PgServer]:
+    """The durable logical-decoding server when wal is among `modes`, else the tests' server."""
+    with durable_logical_server() if "wal" in modes else postgres_server() as pg:
+        yield pg
 
 
 def main() -> None:
@@ -145,9 +211,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--events", type=int, default=400)
     parser.add_argument("--rate", type=float, default=100.0, help="events per second")
+    parser.add_argument(
+        "--ingest", choices=INGEST_CHOICES, default="wal", help="ingest mode (both: wal, trigger)"
+    )
     args = parser.parse_args()
-    with postgres_server() as pg, redis_server() as redis_url:
-        asyncio.run(run(pg, redis_url, args.clients, args.events, args.rate))
+    modes: tuple[Mode, ...] = ("wal", "trigger") if args.ingest == "both" else (args.ingest,)
+    with server_for(modes) as pg, redis_server() as redis_url:
+        asyncio.run(run_all(pg, redis_url, modes, args.clients, args.events, args.rate))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.suite [SCENARIO ...] [--targets userstream,nchan,plain]
                                     [--quick] [--out bench/results.json]
+                                    [--ingest wal|trigger]
     .venv/bin/python -m bench.suite --markdown bench/results.json    (tables of a saved run)
 
 Scenarios (default: all, in this order): `ceiling` (the load client's own limit against the
@@ -10,6 +11,11 @@ trivial C server `bench/client/sseserve`), `idle` (RSS per connection, CPU at re
 `connect-storm` (connects/s, time to ready), `slow` (5 % slow consumers), `scale` (userstream
 with 2 gateway workers against 1). `--quick` shrinks every size for a smoke run (< 1 min of
 measuring); the default run takes about 10 minutes.
+
+Ingest mode (`--ingest`, default wal; core/schema/ingest.py): the userstream target's database
+is put in that mode. With wal, every target runs against a Postgres 16 with logical decoding
+and durable commits started here (`bench.writers.durable_logical_server`); with trigger,
+against the machine's Postgres (`tests.services.postgres_server`).
 
 Pinning: every server `taskset -c <--server-cpu>` (default 0); the load client `sseload`, the
 publisher (this process, pinned with `sched_setaffinity`) and userstream's relay on
@@ -51,19 +57,30 @@ from bench.scenarios import (
 )
 from bench.targets import Target
 from bench.targets.userstream import UserstreamTarget
+from bench.writers import durable_logical_server
+from core.schema.ingest import MODES, Mode
 from tests.services import PgServer, postgres_server, redis_server
 
 TARGETS = ("userstream", "nchan", "plain")
 CLASSES = {"nchan": "NchanTarget", "plain": "PlainTarget"}
 
 
-def target_factory(pg: PgServer, redis_url: str, relay_cpu: str, source: Path | None = None) -> Any:
-    """`make_target(name)`: a new, not started target. The baselines are imported when first
-    asked for, so a missing one fails only its own rows (ImportError, AttributeError)."""
+def target_factory(
+    pg: PgServer,
+    redis_url: str,
+    relay_cpu: str,
+    source: Path | None = None,
+    ingest: Mode = "wal",
+) -> Any:
+    """`make_target(name)`: a new, not started target (userstream's database in ingest mode
+    `ingest`). The baselines are imported when first asked for, so a missing one fails only
+    its own rows (ImportError, AttributeError)."""
 
     def make_target(name: str) -> Target:
         if name == "userstream":
-            return UserstreamTarget(pg, redis_url, relay_cpu=relay_cpu, source=source)
+            return UserstreamTarget(
+                pg, redis_url, relay_cpu=relay_cpu, source=source, ingest=ingest
+            )
         if name not in CLASSES:
             raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
         cls = getattr(importlib.import_module(f"bench.targets.{name}"), CLASSES[name])
@@ -205,6 +222,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated")
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    parser.add_argument(
+        "--ingest", choices=MODES, default="wal", help="ingest mode of userstream's database"
+    )
     parser.add_argument("--server-cpu", default="0", help="taskset -c list for servers")
     parser.add_argument("--client-cpu", default="1", help="cpu of client and publisher")
     parser.add_argument("--relay-cpu", help="cpu of userstream's relay (default: --client-cpu)")
@@ -263,14 +283,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         else sizes.idle_connections
     )
     ips = tuple(f"127.0.0.{k + 1}" for k in range(args.client_processes))
-    with postgres_server() as pg, redis_server() as redis_url:
+    server = durable_logical_server() if args.ingest == "wal" else postgres_server()
+    with server as pg, redis_server() as redis_url:
         ctx = Context(
             sizes=sizes,
             server_cpu=args.server_cpu,
             client_cpu=args.client_cpu,
             targets=args.targets,
             make_target=target_factory(
-                pg, redis_url, args.relay_cpu or args.client_cpu, args.userstream_from
+                pg, redis_url, args.relay_cpu or args.client_cpu, args.userstream_from, args.ingest
             ),
             idle_connections=idle_counts,
             idle_workers=args.idle_workers,

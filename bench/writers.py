@@ -55,11 +55,9 @@ import logging
 import multiprocessing
 import os
 import platform
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from array import array
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -74,7 +72,7 @@ import redis.asyncio as aioredis
 
 from core.schema.ingest import set_ingest_mode, slot_name
 from core.schema.migrations import migrate
-from gateway.embedded import LOGICAL_DECODING, prepare_pgdata
+from gateway.embedded import LOGICAL_DECODING
 from sync.bus_redis import RedisBus
 from sync.relay import OutboxRelay
 from tests.services import PgServer, logical_postgres_server, redis_server
@@ -167,24 +165,9 @@ def durable_logical_server() -> Iterator[PgServer]:
     `get_server` on a Unix socket in that folder; stopped and deleted on exit. Raises
     subprocess.CalledProcessError or subprocess.TimeoutExpired if it cannot start.
     """
-    if os.environ.get("USERSTREAM_TEST_PG_WAL"):
-        with logical_postgres_server() as server:
-            yield server
-        return
     logging.getLogger("pgserver").setLevel(logging.WARNING)
-    folder = Path(tempfile.mkdtemp(prefix="userstream-bench-pg-"))
-    try:
-        prepare_pgdata(folder, DURABLE_SETTINGS)
-        from pgserver.postgres_server import get_server
-
-        postgres = get_server(folder, cleanup_mode="delete")
-        try:
-            info = postgres.get_postmaster_info()
-            yield PgServer(str(info.socket_dir), int(info.port or 5432))
-        finally:
-            postgres.cleanup()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with logical_postgres_server(DURABLE_SETTINGS, prefix="userstream-bench-pg-") as server:
+        yield server
 
 
 @contextlib.asynccontextmanager

@@ -185,22 +185,25 @@ def postgres_server() -> Iterator[PgServer]:
 
 
 @contextlib.contextmanager
-def logical_postgres_server() -> Iterator[PgServer]:
+def logical_postgres_server(
+    settings: Mapping[str, str] = LOGICAL_TEST_SETTINGS, prefix: str = "userstream-pgwal-"
+) -> Iterator[PgServer]:
     """A Postgres server with logical decoding (`wal_level = logical`) for this test session.
 
     `USERSTREAM_TEST_PG_WAL` ("host:port" or "/socket/dir:port", user `postgres`) when set;
-    else a throwaway Postgres 16 from the `pgserver` wheel in a new temporary folder, made by
-    `gateway.embedded.prepare_pgdata` with `LOGICAL_TEST_SETTINGS` (about a second), on a
-    Unix socket in that folder (port 5432), stopped and deleted on exit. Raises
+    else a throwaway Postgres 16 from the `pgserver` wheel in a new temporary folder named
+    `prefix...`, made by `gateway.embedded.prepare_pgdata` with `settings` (about a second;
+    benchmarks pass durable ones), on a Unix socket in that folder (port 5432), stopped and
+    deleted on exit. Raises
     subprocess.CalledProcessError or subprocess.TimeoutExpired if it cannot start.
     """
     explicit = os.environ.get("USERSTREAM_TEST_PG_WAL")
     if explicit:
         yield _server_at(explicit)
         return
-    folder = Path(tempfile.mkdtemp(prefix="userstream-pgwal-"))
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        prepare_pgdata(folder, LOGICAL_TEST_SETTINGS)
+        prepare_pgdata(folder, settings)
         from pgserver.postgres_server import get_server  # imported quietly by prepare_pgdata
 
         server = get_server(folder, cleanup_mode="delete")

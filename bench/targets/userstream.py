@@ -1,8 +1,10 @@
 """userstream as a benchmark target: `userstream serve` and `userstream relay` as OS processes.
 
-`start` creates a fresh database on the given Postgres server, applies the migrations, seeds
-workspace `w1` with a public stream `s1` and `users` active members `u0..u{n-1}` (COPY), then
-starts `userstream relay` and `userstream serve --port P [--workers N]` pinned with `taskset`.
+`start` creates a fresh database on the given Postgres server, applies the migrations, sets
+its ingest mode (`ingest`: `wal` or `trigger`, core/schema/ingest.py; wal needs a server with
+logical decoding, e.g. `bench.writers.durable_logical_server`), seeds workspace `w1` with a
+public stream `s1` and `users` active members `u0..u{n-1}` (COPY), then starts
+`userstream relay` and `userstream serve --port P [--workers N]` pinned with `taskset`.
 Connections are `GET /me/stream?access_token=<HS256 JWT, sub u<i>>` (PROTOCOL.md §3); a
 connection is subscribed once its `event: offset` frame arrives (the user's access is loaded).
 
@@ -33,7 +35,9 @@ import redis.asyncio as aioredis
 
 from bench.targets import Scope
 from bench.targets.processes import descendants
+from bench.writers import wait_leading
 from core.publish import OutboxEvent, publish_many
+from core.schema.ingest import Mode, set_ingest_mode
 from core.schema.migrations import migrate
 from tests.services import PgServer, free_port
 
@@ -51,8 +55,9 @@ class UserstreamTarget:
     `relay_cpu`: `taskset -c` list for the relay (None: not pinned); `keepalive_s`: the
     keep-alive interval (`USERSTREAM_KEEPALIVE_S`, None: the default 15 s); `env`: further
     settings for both processes; `source`: run `gateway.cli` from this checkout of the project
-    (a `git worktree` of another commit, to compare versions; None: this one). Raises
-    RuntimeError from `start` when a process does not come up.
+    (a `git worktree` of another commit, to compare versions; None: this one); `ingest`: the
+    database's ingest mode, set after the migrations. Raises RuntimeError from `start` when a
+    process does not come up (or `ingest` is wal on a server without logical decoding).
     """
 
     name = "userstream"
@@ -67,8 +72,10 @@ class UserstreamTarget:
         keepalive_s: float | None = None,
         env: dict[str, str] | None = None,
         source: Path | None = None,
+        ingest: Mode = "wal",
     ) -> None:
         self.pg = pg
+        self.ingest = ingest
         self.redis_url = redis_url
         self.relay_cpu = relay_cpu
         self.keepalive_s = keepalive_s
@@ -124,7 +131,8 @@ class UserstreamTarget:
 
     async def start(self, *, cpu: str, users: int, scope: Scope, workers: int = 1) -> None:
         """Create and seed the database, start the relay and the gateway pinned to `cpu`, and
-        wait (30 s at most) until `/readyz` answers 200 and all `workers` processes exist.
+        wait (30 s at most each) until the relay leads (wal: its slot streams), then until
+        `/readyz` answers 200 and all `workers` processes exist.
         Raises RuntimeError (after cleaning up) when something does not start."""
         self.workers = workers
         try:
@@ -133,6 +141,7 @@ class UserstreamTarget:
             self.port = free_port()
             extra = ["--workers", str(workers)] if workers > 1 else []
             self._serve = self._spawn(cpu, "serve", "serve", "--port", str(self.port), *extra)
+            await wait_leading(self.pg.dsn(self.database), self.ingest, START_TIMEOUT_S)
             await self._wait_ready()
         except BaseException as exc:
             await self.stop()
@@ -145,6 +154,7 @@ class UserstreamTarget:
         self._created = True
         self._conn = conn
         await migrate(conn)
+        await set_ingest_mode(conn, self.ingest)
         await conn.execute("INSERT INTO workspaces (id) VALUES ('w1')")
         await conn.execute(
             "INSERT INTO streams (id, workspace_id, visibility) VALUES ('s1', 'w1', 'public')"
