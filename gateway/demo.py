@@ -36,12 +36,14 @@ def demo_settings(settings: Settings, database_url: str) -> Settings:
     return settings.model_copy(update=update)
 
 
-def banner(settings: Settings, world: DemoWorld, base_url: str) -> str:
-    """The text printed once the demo listens: the page URL and two curl commands."""
+def banner(settings: Settings, world: DemoWorld, base_url: str, ingest: str) -> str:
+    """The text printed once the demo listens: the page URL, the ingest mode
+    (core/schema/ingest.py) and two curl commands."""
     auth = Authenticator(settings)
     lines = [
         "",
-        f"userstream demo is live: open {base_url}/demo in a browser, or stream as:",
+        f"userstream demo is live ({ingest} ingest): open {base_url}/demo in a browser,"
+        " or stream as:",
         "",
     ]
     for example in world.access_examples:
@@ -55,13 +57,14 @@ def banner(settings: Settings, world: DemoWorld, base_url: str) -> str:
     return "\n".join(lines)
 
 
-async def _prepare(database_url: str) -> DemoWorld:
+async def _prepare(database_url: str) -> tuple[DemoWorld, str]:
     conn = await asyncpg.connect(database_url)
     try:
         await migrate(conn)
         choice = await set_ingest_mode(conn, "auto")
-        logger.info("ingest mode: %s", choice.mode)
-        return await seed(conn)
+        for blocker in choice.wal_blockers:
+            logger.info("trigger ingest: %s", blocker)
+        return await seed(conn), choice.mode
     finally:
         await conn.close()
 
@@ -84,7 +87,7 @@ async def run_demo(settings: Settings, *, host: str, port: int, rate: float) -> 
         database_url = embedded.dsn
     try:
         settings = demo_settings(settings, database_url)
-        world = await _prepare(database_url)
+        world, ingest = await _prepare(database_url)
         server = uvicorn.Server(
             uvicorn.Config(create_app(settings), host=host, port=port, log_config=None)
         )
@@ -94,7 +97,7 @@ async def run_demo(settings: Settings, *, host: str, port: int, rate: float) -> 
         async with asyncpg.create_pool(database_url, min_size=1, max_size=2) as pool:
             simulator = ActivitySimulator(pool, world, rate_per_s=rate)
             simulating = asyncio.create_task(simulator.run(stop))
-            print(banner(settings, world, f"http://{host}:{actual_port}"), flush=True)
+            print(banner(settings, world, f"http://{host}:{actual_port}", ingest), flush=True)
             await serving
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):

@@ -25,12 +25,16 @@ def test_printed_curl_command_streams_live_changes(tmp_path: Path) -> None:
     try:
         assert demo.stdout is not None
         commands = []
+        live = ""
         for line in demo.stdout:  # ends if the demo dies, which fails the assertion below
+            if "demo is live" in line:
+                live = line
             if line.strip().startswith("curl -N"):
                 commands.append(shlex.split(line.strip()))
                 if len(commands) == 2:
                     break
         assert len(commands) == 2, "the demo did not print two curl commands"
+        assert "(wal ingest)" in live, live  # the embedded Postgres has logical decoding
         started = time.monotonic()
         curl = subprocess.run(
             [*commands[0], "--max-time", "4", "--silent"], capture_output=True, text=True
