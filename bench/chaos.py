@@ -1,7 +1,8 @@
 """A long chaos run for the gapless guarantee (PROTOCOL.md §4): random faults, one final check.
 
-Setup, all of the run's own: a fresh database (created, migrated, seeded with the world of
-`tests.e2e.sequence.seed`; dropped at the end), a Redis server (`tests.services.RedisProcess`),
+Setup, all of the run's own: a fresh database (created, migrated, put in ingest mode `--ingest`
+(core/schema/ingest.py, default wal), seeded with the world of `tests.e2e.sequence.seed`;
+dropped at the end), a Redis server (`tests.services.RedisProcess`),
 two `userstream relay` processes (one active, one standby) and `--gateways` `userstream serve`
 processes with a short drain (`USERSTREAM_DRAIN_S=1`) and a small window of recent events
 (`USERSTREAM_WINDOW_EVENTS=200`), so that catch-ups after an outage page Postgres.
@@ -24,22 +25,39 @@ Until `--minutes` are over, every 2 to 6 s (seeded) one fault, chosen at random 
 - `redis-loss-while-paused`: a gateway stopped for 0.5 to 1.5 s, then the bus loses what it
   has not read (FLUSHALL, or Redis killed and restarted, the gateway continued while Redis
   is down): it must fill the gap from Postgres (counted from its `filling events` lines).
+In wal mode, also (`WAL_FAULT_KINDS`):
+- `pg-restart`: the run's own Postgres restarted (`PgServer.restart`, `pg_ctl restart -m
+  fast`: every session ends, the slot stays); the time until a relay leads and streams the
+  slot again is reported;
+- `relay-kill-unacked`: the active relay stopped (SIGSTOP) at a moment when its slot's
+  acknowledged LSN is behind the LSN it recorded with its positions
+  (`tests.e2e.test_faults.slot_behind_recorded`: it positioned and published transactions
+  the server will send again), then killed (SIGKILL); the standby must skip what is positioned
+  and double nothing; a new standby is started;
+- `slot-takeover`: the active relay killed (SIGKILL) while the standby runs; the standby must
+  take the slot: the time until the slot streams to another walsender and positions advance
+  is the slot takeover time; a new standby is started.
+Wal mode runs on a Postgres 16 with logical decoding and durable commits started here
+(`bench.writers.durable_logical_server`); trigger mode runs on the tests' server
+(`tests.services.postgres_server`) with the eight faults listed first, as it always did.
 One progress line per fault. After each fault a probe measures the recovery: the time until
 every client holds the newest event, committed when the fault ended, that it may see.
 
 At the end the publisher stops (its last event goes to `general`, which everyone may see),
 every client must receive that last event (120 s at most), and each must have received its
 whole part of the sequence exactly once, in cursor order, without `must-refetch`
-(`assert_exactly_once_in_order`); the outbox must hold the sequence once each. A violation
-prints the client and the numbers missing or doubled, and writes evidence (the client's
-connections around each anomaly, the events' outbox positions) to `violations.txt` in the
-run's folder, which also keeps every process log (JSON lines). Exit status 0 on success, 1 on
+(`assert_exactly_once_in_order`); once every published row has a position (in wal mode the
+relay gives them after commit; 120 s at most), the outbox must hold the sequence once each,
+in position order (`assert_outbox_holds`). A violation prints the client and the numbers
+missing or doubled, and writes evidence (the client's connections around each anomaly, the
+events' outbox positions) to `violations.txt` in the run's folder, which also keeps every
+process log (JSON lines). Exit status 0 on success, 1 on
 any violation (also: a gateway not exiting 0 after SIGTERM, a process dying by itself, a
 client or the publisher failing). Every process and the database are cleaned up whatever
 happens.
 
     .venv/bin/python -m bench.chaos [--minutes 10] [--seed N] [--gateways 2] [--clients 8]
-                                    [--rate 50]
+                                    [--rate 50] [--ingest wal|trigger]
 """
 
 import argparse
@@ -66,6 +84,8 @@ import orjson
 import redis.asyncio as aioredis
 from httpx_sse import ServerSentEvent
 
+from bench.writers import durable_logical_server
+from core.schema.ingest import MODES, Mode, set_ingest_mode, slot_name
 from core.schema.migrations import migrate
 from tests.e2e.harness import JWT_SECRET, Gateway, Processes
 from tests.e2e.sequence import (
@@ -79,7 +99,8 @@ from tests.e2e.sequence import (
     seed,
     stream_of,
 )
-from tests.e2e.test_faults import TERMINATE_ALL, active_relay_pid
+from tests.e2e.test_faults import TERMINATE_ALL, active_relay_pid, slot_behind_recorded
+from tests.factories import PUBLISHED
 from tests.services import PgServer, RedisProcess, postgres_server
 
 FAULT_KINDS = (
@@ -92,7 +113,19 @@ FAULT_KINDS = (
     "gateway-pause",
     "redis-loss-while-paused",
 )
-"""Every kind of fault the run injects, each equally likely."""
+"""Every kind of fault a trigger-mode run injects, each equally likely."""
+
+WAL_FAULT_KINDS = (*FAULT_KINDS, "pg-restart", "relay-kill-unacked", "slot-takeover")
+"""Every kind of fault a wal-mode run injects, each equally likely (`pg-restart` only on a
+Postgres this run started)."""
+
+UNACKED_ATTEMPTS = 200
+"""Stops of the active relay (SIGSTOP, then SIGCONT if the slot is not behind) before a
+`relay-kill-unacked` gives up waiting for the slot to lag and kills it anyway."""
+
+UNACKED_RETRY_S = 0.013
+"""Pause between two such stops, seconds (not a divisor of the relay's 1 s acknowledgement
+interval, so the attempts fall at different points of it)."""
 
 FAULT_GAP_S = (2.0, 6.0)
 """Bounds of the random pause between two faults, seconds."""
@@ -201,13 +234,15 @@ class PacedPublisher(Publisher):
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    """The command line: run length (minutes), seed, gateways, clients, events per second."""
+    """The command line: run length (minutes), seed, gateways, clients, events per second,
+    ingest mode."""
 
     minutes: float
     seed: int
     gateways: int
     clients: int
     rate: float
+    ingest: Mode = "wal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,14 +256,18 @@ class Recovery:
 
 
 class Chaos:
-    """One chaos run against the database `dsn` and the Redis `redis` (see module docstring).
+    """One chaos run against the database `dsn` on the server `pg` and the Redis `redis` (see
+    module docstring).
 
     `setup()` starts processes and clients, `inject_until(deadline)` injects faults,
     `finish()` stops the publisher and checks every client (violations in `violations`),
     `summary()` prints the figures, `close()` stops what runs (idempotent)."""
 
-    def __init__(self, options: Options, dsn: str, redis: RedisProcess, run_dir: Path) -> None:
+    def __init__(
+        self, options: Options, pg: PgServer, dsn: str, redis: RedisProcess, run_dir: Path
+    ) -> None:
         self.options = options
+        self.pg = pg
         self.dsn = dsn
         self.redis = redis
         self.run_dir = run_dir
@@ -253,6 +292,11 @@ class Chaos:
         self.clients: list[JournalingClient] = []
         self.faults: Counter[str] = Counter()
         self.takeovers: list[float] = []
+        self.slot_takeovers: list[float] = []
+        self.unacked: Counter[str] = Counter()
+        self.pg_restarts: list[float] = []
+        self.kinds = fault_kinds(options.ingest, pg)
+        self.slot = ""
         self.recoveries: list[Recovery] = []
         self.catch_up_s: dict[str, float] = {}
         self.violations: list[str] = []
@@ -269,10 +313,13 @@ class Chaos:
     async def setup(self) -> None:
         """Start relays, gateways, clients and the publisher."""
         db = await self.db()
+        self.slot = slot_name(str(await db.fetchval("SELECT current_database()")))
         self.relays = [self._relay(), self._relay()]
         await self._until(
             lambda: self._relay_leads(db), "a relay to lead", TAKEOVER_WAIT_S, self._no_deaths
         )
+        if self.options.ingest == "wal":
+            await self._until(lambda: self._slot_streams(db), "the slot to stream", TAKEOVER_WAIT_S)
         for slot in range(self.options.gateways):
             self.gateways.append(await self._gateway(slot))
         urls = [g.url for g in self.gateways]
@@ -296,6 +343,12 @@ class Chaos:
         if self._db is None or self._db.is_closed():
             self._db = await asyncpg.connect(self.dsn)
         return self._db
+
+    def _drop_db(self) -> None:
+        """Close the monitoring connection at once (before Postgres restarts)."""
+        db, self._db = self._db, None
+        if db is not None:
+            db.terminate()
 
     def _relay(self) -> subprocess.Popen[bytes]:
         return self.processes.start("relay", log_file=self._log_file("relay"))
@@ -323,6 +376,24 @@ class Chaos:
     async def _relay_leads(self, db: asyncpg.Connection) -> bool:
         return await active_relay_pid(db) in {p.pid for p in self.relays}
 
+    async def _walsender(self, db: asyncpg.Connection) -> int | None:
+        """Backend pid of the walsender streaming the run's slot (None: the slot is idle)."""
+        pid = await db.fetchval(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", self.slot
+        )
+        return None if pid is None else int(pid)
+
+    async def _slot_streams(self, db: asyncpg.Connection) -> bool:
+        """True when one of the run's relays leads and the slot streams to a walsender."""
+        return await self._relay_leads(db) and await self._walsender(db) is not None
+
+    async def _assigned(self, db: asyncpg.Connection) -> int:
+        """The last position the relay gave (wal ingest), 0 before any."""
+        value = await db.fetchval(
+            "SELECT coalesce(assigned, 0) FROM outbox_relay WHERE name = 'default'"
+        )
+        return int(value or 0)
+
     # -- faults --------------------------------------------------------------------------
 
     async def inject_until(self, deadline: float) -> None:
@@ -336,6 +407,9 @@ class Chaos:
             "pg-terminate": self.pg_terminate,
             "gateway-pause": self.gateway_pause,
             "redis-loss-while-paused": self.redis_loss_while_paused,
+            "pg-restart": self.pg_restart,
+            "relay-kill-unacked": self.relay_kill_unacked,
+            "slot-takeover": self.slot_takeover,
         }
         for number in itertools.count(1):
             pause = self.rng.uniform(*FAULT_GAP_S)
@@ -344,7 +418,7 @@ class Chaos:
                 return
             await asyncio.sleep(pause)
             await self.check_health()
-            kind = self.rng.choice(FAULT_KINDS)
+            kind = self.rng.choice(self.kinds)
             detail = await faults[kind]()
             self.faults[kind] += 1
             self._progress(number, kind, detail)
@@ -357,7 +431,7 @@ class Chaos:
         reconnects = sum(len(c.endings) for c in self.clients)
         last = self.recoveries[-1].seconds if self.recoveries else float("nan")
         print(
-            f"[{elapsed_since(self.started):7.1f} s] fault {number:3d} {kind:<14} {detail}"
+            f"[{elapsed_since(self.started):7.1f} s] fault {number:3d} {kind:<18} {detail}"
             f" | published {self.publisher.count}, delivered {delivered},"
             f" reconnects {reconnects}, last recovery {last:.2f} s,"
             f" recovering {len(self._probes)}",
@@ -384,11 +458,22 @@ class Chaos:
     async def relay_kill(self) -> str:
         """SIGKILL the active relay, time the standby's takeover, start a new standby."""
         db = await self.db()
+        victim = await self._active_relay(db)
+        victim.kill()
+        return await self._replace_killed(db, victim, time.monotonic())
+
+    async def _active_relay(self, db: asyncpg.Connection) -> subprocess.Popen[bytes]:
+        """The process of the relay that leads (waiting for one, `TAKEOVER_WAIT_S` at most)."""
         await self._until(lambda: self._relay_leads(db), "a relay to lead", TAKEOVER_WAIT_S)
         active = await active_relay_pid(db)
         [victim] = [p for p in self.relays if p.pid == active]
-        victim.kill()
-        killed_at = time.monotonic()
+        return victim
+
+    async def _replace_killed(
+        self, db: asyncpg.Connection, victim: subprocess.Popen[bytes], killed_at: float
+    ) -> str:
+        """After `victim` (the active relay) was sent SIGKILL at the monotonic `killed_at`:
+        reap it, time the standby's takeover of the leadership, start a new standby."""
         self.relays.remove(victim)
         status = await asyncio.to_thread(victim.wait)
         try:
@@ -398,9 +483,81 @@ class Chaos:
             taken = f"standby {await active_relay_pid(db)} led after {takeover_s:.2f} s"
         except TimeoutError:
             taken = f"NO takeover within {TAKEOVER_WAIT_S:.0f} s"
-            self.notes.append(f"relay-kill of {victim.pid}: {taken}")
+            self.notes.append(f"relay kill of {victim.pid}: {taken}")
         self.relays.append(self._relay())
         return f"relay {victim.pid} killed (status {status}), {taken}"
+
+    async def relay_kill_unacked(self) -> str:
+        """Stop the active relay (SIGSTOP) until its slot's acknowledged LSN is behind the
+        LSN it recorded (`slot_behind_recorded`: positioned and published, not yet
+        acknowledged), SIGCONT and try again 13 ms later if not, up to `UNACKED_ATTEMPTS`
+        times; then SIGKILL it, time the takeover and start a new standby."""
+        db = await self.db()
+        victim = await self._active_relay(db)
+        caught = 0
+        try:
+            for attempt in range(1, UNACKED_ATTEMPTS + 1):
+                victim.send_signal(signal.SIGSTOP)
+                if await slot_behind_recorded(db):
+                    caught = attempt
+                    break
+                victim.send_signal(signal.SIGCONT)
+                await asyncio.sleep(UNACKED_RETRY_S)
+        finally:
+            victim.kill()  # SIGKILL ends a stopped process too
+        killed_at = time.monotonic()
+        self.unacked["caught" if caught else "missed"] += 1
+        where = (
+            f"stopped behind the slot at attempt {caught}"
+            if caught
+            else f"NOT caught behind the slot in {UNACKED_ATTEMPTS} attempts"
+        )
+        return f"{where}; " + await self._replace_killed(db, victim, killed_at)
+
+    async def slot_takeover(self) -> str:
+        """SIGKILL the active relay while the standby runs; time until the standby leads and
+        then until the slot streams to another walsender and the positions given advance
+        (the standby took the slot); start a new standby."""
+        db = await self.db()
+        await self._until(lambda: self._slot_streams(db), "the slot to stream", TAKEOVER_WAIT_S)
+        victim = await self._active_relay(db)
+        walsender = await self._walsender(db)
+        assigned = await self._assigned(db)
+        victim.kill()
+        killed_at = time.monotonic()
+        detail = await self._replace_killed(db, victim, killed_at)
+
+        async def taken() -> bool:
+            now = await self._walsender(db)
+            return now is not None and now != walsender and await self._assigned(db) > assigned
+
+        try:
+            await self._until(taken, "the standby to stream the slot", TAKEOVER_WAIT_S)
+            slot_s = elapsed_since(killed_at)
+            self.slot_takeovers.append(slot_s)
+            slot = f"slot streamed by walsender {await self._walsender(db)} after {slot_s:.2f} s"
+        except TimeoutError:
+            slot = f"slot NOT taken over within {TAKEOVER_WAIT_S:.0f} s"
+            self.notes.append(f"slot takeover after killing {victim.pid}: {slot}")
+        return f"{detail}, {slot} (walsender {walsender} before)"
+
+    async def pg_restart(self) -> str:
+        """Restart the run's Postgres (`PgServer.restart` in a thread: fast shutdown, every
+        session ends, the slot stays), then time until a relay leads and streams the slot."""
+        self._drop_db()
+        began = time.monotonic()
+        await asyncio.to_thread(self.pg.restart)
+        restart_s = elapsed_since(began)
+        db = await self.db()
+        try:
+            await self._until(lambda: self._slot_streams(db), "the slot again", TAKEOVER_WAIT_S)
+            back_s = elapsed_since(began)
+            self.pg_restarts.append(back_s)
+            back = f"a relay streamed the slot again {back_s:.2f} s after the restart began"
+        except TimeoutError:
+            back = f"the slot did NOT stream again within {TAKEOVER_WAIT_S:.0f} s"
+            self.notes.append(f"pg-restart: {back}")
+        return f"Postgres restarted in {restart_s:.2f} s, {back}"
 
     async def gateway_kill(self) -> str:
         """SIGKILL a gateway, keep it down 0 to 2 s, restart it on a new port."""
@@ -562,12 +719,31 @@ class Chaos:
             )
         for probe in list(self._probes):
             probe.cancel()
+        db = await self.db()
         try:
-            await assert_outbox_holds(await self.db(), self.log)
-        except AssertionError:
-            self.violations.append("outbox: the sequence is not held once each in commit order")
+            await self._until(lambda: self._all_positioned(db), "positions", FINAL_WAIT_S)
+        except TimeoutError:
+            left = await db.fetchval(
+                f"SELECT count(*) FROM outbox WHERE {PUBLISHED} AND seq IS NULL"
+            )
+            self.violations.append(
+                f"outbox: {left} published rows still without a position {FINAL_WAIT_S:.0f} s"
+                " after the publisher stopped"
+            )
+        try:
+            await assert_outbox_holds(db, self.log)
+        except AssertionError as exc:
+            self.violations.append(
+                f"outbox: the sequence is not held once each in commit order ({exc})"
+            )
         for client in self.clients:
             await self._check(client)
+
+    async def _all_positioned(self, db: asyncpg.Connection) -> bool:
+        """True when every row a publisher wrote has a position (`seq`)."""
+        return not await db.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM outbox WHERE {PUBLISHED} AND seq IS NULL)"
+        )
 
     async def _check(self, client: JournalingClient) -> None:
         expected = expected_for(client.user_id, self.log)
@@ -605,7 +781,10 @@ class Chaos:
         """Print the run's figures."""
         duration = self.ended - self.started
         published = len(self.log) or self.publisher.count
-        print(f"\nduration {duration:.0f} s, seed {self.options.seed}, logs in {self.run_dir}")
+        print(
+            f"\nduration {duration:.0f} s, seed {self.options.seed}, ingest {self.options.ingest},"
+            f" logs in {self.run_dir}"
+        )
         print(f"faults {sum(self.faults.values())}: {dict(sorted(self.faults.items()))}")
         print(
             f"events published {published} ({published / max(duration, 1e-9):.1f}/s),"
@@ -618,11 +797,18 @@ class Chaos:
             f" reconnects {sum(len(c.endings) for c in self.clients)}"
         )
         print(f"relay takeovers (s): {spread(self.takeovers)}")
+        if self.options.ingest == "wal":
+            print(f"slot takeovers (s): {spread(self.slot_takeovers)}")
+            print(
+                f"relay kills between publish and acknowledgement: {self.unacked['caught']}"
+                f" caught behind the slot, {self.unacked['missed']} not caught"
+            )
+            print(f"slot streamed again after a Postgres restart (s): {spread(self.pg_restarts)}")
         print(f"recovery after a fault (s): {spread([r.seconds for r in self.recoveries])}")
-        for kind in FAULT_KINDS:
+        for kind in self.kinds:
             seconds = [r.seconds for r in self.recoveries if r.kind == kind]
             if seconds:
-                print(f"  {kind:<14} {spread(seconds)}")
+                print(f"  {kind:<18} {spread(seconds)}")
         if self.catch_up_s:
             slowest = max(self.catch_up_s, key=self.catch_up_s.__getitem__)
             print(
@@ -719,11 +905,20 @@ def count_messages(run_dir: Path, prefix: str) -> int:
     )
 
 
-async def create_database(pg: PgServer, name: str) -> str:
-    """Create, migrate and seed the database `name`; return its DSN."""
+def fault_kinds(ingest: Mode, pg: PgServer) -> tuple[str, ...]:
+    """The kinds of fault a run injects: `FAULT_KINDS` in trigger mode, `WAL_FAULT_KINDS` in
+    wal mode, without `pg-restart` when `pg` is a server this run did not start."""
+    if ingest == "trigger":
+        return FAULT_KINDS
+    return tuple(k for k in WAL_FAULT_KINDS if k != "pg-restart" or pg.data_dir is not None)
+
+
+async def create_database(pg: PgServer, name: str, ingest: Mode) -> str:
+    """Create and migrate the database `name`, set its ingest mode, seed it; return its DSN."""
     conn = await asyncpg.connect(await pg.create_database(name))
     try:
         await migrate(conn)
+        await set_ingest_mode(conn, ingest)
         await seed(conn)
     finally:
         await conn.close()
@@ -735,11 +930,12 @@ async def run(options: Options, pg: PgServer) -> bool:
     name = f"uschaos_{nanoid.generate('abcdefghijklmnopqrstuvwxyz', 8)}"
     run_dir = Path(tempfile.mkdtemp(prefix=f"userstream-chaos-{options.seed}-"))
     print(f"chaos: {options}, database {name}, logs in {run_dir}", flush=True)
+    print(f"faults drawn from: {', '.join(fault_kinds(options.ingest, pg))}", flush=True)
     chaos: Chaos | None = None
     try:
-        dsn = await create_database(pg, name)
+        dsn = await create_database(pg, name, options.ingest)
         with RedisProcess() as redis:
-            chaos = Chaos(options, dsn, redis, run_dir)
+            chaos = Chaos(options, pg, dsn, redis, run_dir)
             try:
                 await chaos.setup()
                 await chaos.inject_until(chaos.started + options.minutes * 60)
@@ -765,6 +961,7 @@ def main() -> None:
     parser.add_argument("--gateways", type=int, default=2)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rate", type=float, default=50.0, help="events per second")
+    parser.add_argument("--ingest", choices=MODES, default="wal", help="ingest mode")
     args = parser.parse_args()
     if args.gateways < 1 or args.clients < 1 or args.rate <= 0:
         parser.error("--gateways and --clients need at least 1, --rate more than 0")
@@ -774,8 +971,9 @@ def main() -> None:
         gateways=args.gateways,
         clients=args.clients,
         rate=args.rate,
+        ingest=args.ingest,
     )
-    with postgres_server() as pg:
+    with durable_logical_server() if args.ingest == "wal" else postgres_server() as pg:
         ok = asyncio.run(run(options, pg))
     sys.exit(0 if ok else 1)
 
