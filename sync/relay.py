@@ -232,7 +232,7 @@ class OutboxRelay:
                 self.bus,
                 slot=slot_name(database),
                 name=self.name,
-                read_limit=self.batch_size,
+                read_limit=4 * self.batch_size,  # about batch_size events of 1-row txns
                 timeout_s=self.query_timeout_s,
             )
             await self.wal.start(conn)

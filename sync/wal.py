@@ -90,11 +90,24 @@ _LOAD = (
     "SELECT position, coalesce(assigned, position) AS assigned, lsn::text AS lsn"
     " FROM outbox_relay WHERE name = $1"
 )
+# `o.seq = v.seq`: a row positioned by a statement whose group was not recorded gets the same
+# position again (positions follow from the recorded `assigned` and the slot's order).
 _POSITION_ROWS = f"""
 UPDATE outbox o SET seq = v.seq, committed_at = v.committed_at
   FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS v(id, seq, committed_at)
- WHERE o.id = v.id AND o.seq IS NULL
+ WHERE o.id = v.id AND (o.seq IS NULL OR o.seq = v.seq)
 RETURNING {", ".join("o." + c.strip() for c in COLUMNS.split(","))}
+"""
+# The common step in one statement, one round trip: position the rows and, only if every one
+# was found, record the group (a data-modifying CTE runs in the statement's transaction).
+_POSITION_AND_RECORD = f"""
+WITH positioned AS ({_POSITION_ROWS}),
+recorded AS (
+    UPDATE outbox_relay SET position = greatest(position, $5), assigned = $6,
+           lsn = $7::text::pg_lsn, updated_at = now()
+     WHERE name = $4 AND (SELECT count(*) FROM positioned) = $8
+    RETURNING 1)
+SELECT positioned.*, (SELECT count(*) FROM recorded) AS recorded FROM positioned
 """
 _INSERT_IMAGES = f"""
 INSERT INTO outbox (seq, xid, type, resource_type, action, entity_id, workspace_id, stream_id,
@@ -265,44 +278,62 @@ async def position(
     """Give positions to `txns` (in order) after `assigned`, in one transaction on `conn`
     that also records `assigned`, the end LSN and `published` in `outbox_relay` row `name`.
 
-    Raises what asyncpg raises; nothing is recorded then, and the same transactions are
-    positioned again (with the same positions) on the next attempt.
+    Without access changes that is one statement (`_POSITION_AND_RECORD`); when a row was
+    not found (its transaction not yet visible) or there are access images to write, an
+    explicit transaction does it step by step. Raises what asyncpg raises; nothing is
+    recorded then, and the same transactions get the same positions on the next attempt.
     """
+    ids: list[int] = []
+    seqs: list[int] = []
+    times: list[datetime] = []
+    owner: dict[int, Transaction] = {}
+    next_seq = assigned
+    for txn in txns:
+        next_seq += len(txn.access)
+        for row_id in txn.outbox_ids:
+            next_seq += 1
+            ids.append(row_id)
+            seqs.append(next_seq)
+            times.append(txn.committed_at)
+            owner[row_id] = txn
+    lsn = txns[-1].end_lsn
+    record = (name, published, next_seq, format_lsn(lsn))
+    if not any(txn.access for txn in txns):
+        rows = await conn.fetch(_POSITION_AND_RECORD, ids, seqs, times, *record, len(ids))
+        if len(rows) == len(ids):
+            events, malformed = _events(rows)
+            await record_dead_letters(conn, malformed)
+            return Positioned(events, malformed, next_seq, lsn)
     async with conn.transaction():
         reference = int(await conn.fetchval("SELECT pg_current_xact_id()::text::bigint"))
         images: list[tuple[Any, ...]] = []
-        ids: list[int] = []
-        seqs: list[int] = []
-        times: list[datetime] = []
-        owner: dict[int, Transaction] = {}
-        next_seq = assigned
+        seq = assigned
         for txn in txns:
             xid = _full_xid(txn.xid32, reference)
             for change in txn.access:
-                next_seq += 1
-                images.append(_image_row(change, next_seq, xid, txn.committed_at))
-            for row_id in txn.outbox_ids:
-                next_seq += 1
-                ids.append(row_id)
-                seqs.append(next_seq)
-                times.append(txn.committed_at)
-                owner[row_id] = txn
-        rows: list[Row] = []
+                seq += 1
+                images.append(_image_row(change, seq, xid, txn.committed_at))
+            seq += len(txn.outbox_ids)
+        rows = []
         if images:
             rows += await conn.fetch(_INSERT_IMAGES, *map(list, zip(*images, strict=True)))
         if ids:
             rows += await _position_rows(conn, ids, seqs, times, owner, reference)
-        rows.sort(key=lambda r: int(r["seq"]))
-        events, malformed = [], []
-        for row in rows:
-            try:
-                events.append(Event.from_row(row))
-            except MalformedEvent as exc:
-                malformed.append(Malformed(row, str(exc)))
+        events, malformed = _events(rows)
         await record_dead_letters(conn, malformed)
-        lsn = txns[-1].end_lsn
-        await conn.execute(_RECORD, name, published, next_seq, format_lsn(lsn))
+        await conn.execute(_RECORD, *record)
     return Positioned(events, malformed, next_seq, lsn)
+
+
+def _events(rows: list[Row]) -> tuple[list[Event], list[Malformed]]:
+    """Rows in position order as events, and the rows that are not valid events."""
+    events, malformed = [], []
+    for row in sorted(rows, key=lambda r: int(r["seq"])):
+        try:
+            events.append(Event.from_row(row))
+        except MalformedEvent as exc:
+            malformed.append(Malformed(row, str(exc)))
+    return events, malformed
 
 
 async def _position_rows(

@@ -675,7 +675,7 @@ class Run:
 _RELAY_WAITING = """
 SELECT count(*) FROM pg_stat_activity
  WHERE datname = current_database() AND wait_event_type = 'Lock'
-   AND query LIKE 'UPDATE outbox_relay %'
+   AND query LIKE '%UPDATE outbox_relay %'
 """
 
 
