@@ -117,8 +117,9 @@ class Dispatcher:
         self.slow_consumers = 0
         self._advanced = asyncio.Event()
         self._unflushed: dict[Subscriber, None] = {}
-        self._pressed = False
         """Subscribers given frames since the last flush, each once (an ordered set)."""
+        self._pressed = False
+        """Set when a delivery left some stream's buffer more than half full (`process`)."""
 
     async def start(self) -> None:
         """Begin at the outbox's current position: nothing earlier is anyone's live event."""

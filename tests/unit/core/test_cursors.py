@@ -10,8 +10,11 @@ from core.cursors import (
     CURSOR_LENGTH,
     MAX_POSITION,
     InvalidCursor,
+    PrefetchSnapshot,
+    StreamCursor,
     format_cursor,
     parse_cursor,
+    parse_stream_cursor,
 )
 
 positions = st.integers(min_value=0, max_value=MAX_POSITION)
@@ -109,3 +112,45 @@ def test_invalid_cursor_message_shortens_long_values() -> None:
 
 def test_invalid_cursor_is_a_value_error() -> None:
     assert issubclass(InvalidCursor, ValueError)
+
+
+# Prefetch cursors of wal ingest mode: a position and the prefetch's snapshot.
+
+
+def test_a_snapshot_sees_what_finished_before_it_and_not_what_ran_or_came_after() -> None:
+    snapshot = PrefetchSnapshot(100, 110, frozenset({103, 107}))
+    assert snapshot.saw(99) and snapshot.saw(100) and snapshot.saw(105)
+    assert not snapshot.saw(103) and not snapshot.saw(107)
+    assert not snapshot.saw(110) and not snapshot.saw(200)
+
+
+def test_stream_cursors_round_trip_plain_and_with_a_snapshot() -> None:
+    assert parse_stream_cursor("000000000000002a") == StreamCursor(42)
+    text = "000000000000002a-100:110:103,107"
+    cursor = parse_stream_cursor(text)
+    assert cursor == StreamCursor(42, PrefetchSnapshot(100, 110, frozenset({103, 107})))
+    assert str(cursor) == text
+    assert str(parse_stream_cursor("000000000000002a-5:5:")) == "000000000000002a-5:5:"
+
+
+def test_a_snapshot_cursor_sorts_after_its_position_and_before_the_next() -> None:
+    cursor = str(StreamCursor(42, PrefetchSnapshot(100, 110, frozenset({103}))))
+    assert format_cursor(42) < cursor < format_cursor(43)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "000000000000002a-",
+        "000000000000002a-1:2",
+        "000000000000002a-10:5:",  # xmin above xmax
+        "000000000000002a-100:110:99",  # an xip below xmin
+        "000000000000002a-100:110:110",  # an xip at xmax
+        "000000000000002A-1:2:",
+        "000000000000002a-1:2:x",
+        "000000000000002a-1:2:" + ",".join(["1"] * 9000),  # too long
+    ],
+)
+def test_malformed_stream_cursors_are_refused(text: str) -> None:
+    with pytest.raises(InvalidCursor):
+        parse_stream_cursor(text)

@@ -10,8 +10,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from core.frames import encode_close, encode_retry
+from core.cursors import PrefetchSnapshot
+from core.frames import encode_change, encode_close, encode_retry
 from sync.subscribers import StreamSubscriberManager, Subscriber, SubscriberClosed
+from tests.factories import make_event
 
 FRAME = b"event: change\nid: 000000000000002a\ndata: {}\n\n"  # 45 bytes
 
@@ -558,3 +560,25 @@ async def test_a_full_buffer_is_first_handed_to_an_idle_writer() -> None:
         waiting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await waiting
+
+
+def test_a_stream_from_a_prefetch_cursor_skips_what_the_prefetch_saw_until_past_its_horizon() -> (
+    None
+):
+    subscriber = Subscriber("c1", "u1", max_buffer_bytes=1024)
+    subscriber.after = 10
+    subscriber.snapshot = PrefetchSnapshot(100, 110, frozenset({103}))
+    seen = make_event(seq=11, xid=105)
+    unseen = make_event(seq=12, xid=103)
+    shared = encode_change(unseen)
+
+    assert subscriber.frame_for(seen, encode_change(seen)) is None
+    own = subscriber.frame_for(unseen, shared)
+    assert own is not None and b"id: 000000000000000c-100:110:103\n" in own
+    subscriber.after = 12
+    assert subscriber.cursor == "000000000000000c-100:110:103"
+
+    later = make_event(seq=13, xid=110)  # began after the snapshot: nothing later was seen by it
+    assert subscriber.frame_for(later, encode_change(later)) == encode_change(later)
+    assert subscriber.snapshot is None
+    assert subscriber.cursor == "000000000000000c"
