@@ -20,7 +20,8 @@ happens here, after the commit:
    moment before the transaction becomes visible, and an UPDATE would miss it. Hence every
    snapshot that sees a position sees the transactions of every position before it, the
    rule the prefetch cursor relies on (core/cursors.py). Rows that are not valid events go to
-   `outbox_dead_letters` in the same transaction.
+   `outbox_dead_letters`. Without access changes the whole step is one statement; a row
+   written by a statement whose group was not recorded gets the same position again.
 3. Publish the group's events to the bus as one `Batch`, then acknowledge the slot up to the
    recorded `lsn`, so the server may free the WAL before it.
 
