@@ -106,14 +106,14 @@ class ReplicationStream:
         async with asyncio.timeout(timeout_s):
             await self._wait()
 
-    async def read(self, timeout_s: float, limit: int) -> list[tuple[LSN, bytes]]:
-        """Up to `limit` messages as `(data_start LSN, pgoutput payload)`, waiting at most
-        `timeout_s` seconds for the first; [] when none came."""
-        messages: list[tuple[LSN, bytes]] = []
+    async def read(self, timeout_s: float, limit: int) -> list[bytes]:
+        """Up to `limit` messages' pgoutput payloads, waiting at most `timeout_s` seconds for
+        the first; [] when none came."""
+        messages: list[bytes] = []
         while len(messages) < limit:
             message = self._cursor.read_message()
             if message is not None:
-                messages.append((message.data_start, message.payload))
+                messages.append(message.payload)
                 continue
             if messages:
                 break
@@ -124,11 +124,6 @@ class ReplicationStream:
                 break
             timeout_s = 0.0  # read what arrived, never wait twice
         return messages
-
-    @property
-    def wal_end(self) -> LSN:
-        """The end of the WAL the server had sent or reported when last heard from."""
-        return int(self._cursor.wal_end) if self._cursor is not None else 0
 
     def acknowledge(self, lsn: LSN) -> None:
         """Report `lsn` as flushed: the server may then free the WAL before it. psycopg2 sends

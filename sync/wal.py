@@ -65,7 +65,7 @@ from sync.pgoutput import (
     Insert,
     Update,
 )
-from sync.replication import ReplicationStream, format_lsn, parse_lsn
+from sync.replication import ReplicationStream, format_lsn
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +87,16 @@ _ACCESS = {
 }
 _ACTIONS = {Insert: "create", Update: "update", Delete: "delete"}
 
+# asyncpg reads and writes `pg_lsn` as an int, as the LSNs are held here.
 _LOAD = (
-    "SELECT position, coalesce(assigned, position) AS assigned, lsn::text AS lsn"
+    "SELECT position, coalesce(assigned, position) AS assigned, coalesce(lsn, '0/0') AS lsn"
     " FROM outbox_relay WHERE name = $1"
 )
+_RECORD_TEMPLATE = (
+    "UPDATE outbox_relay SET position = greatest(position, {published}), assigned = {assigned},"
+    " lsn = {lsn}, updated_at = now() WHERE name = {name}"
+)
+_RECORD = _RECORD_TEMPLATE.format(name="$1", published="$2", assigned="$3", lsn="$4")
 # `o.seq = v.seq`: a row positioned by a statement whose group was not recorded gets the same
 # position again (positions follow from the recorded `assigned` and the slot's order).
 _POSITION_ROWS = f"""
@@ -104,9 +110,8 @@ RETURNING {", ".join("o." + c.strip() for c in COLUMNS.split(","))}
 _POSITION_AND_RECORD = f"""
 WITH positioned AS ({_POSITION_ROWS}),
 recorded AS (
-    UPDATE outbox_relay SET position = greatest(position, $5), assigned = $6,
-           lsn = $7::text::pg_lsn, updated_at = now()
-     WHERE name = $4 AND (SELECT count(*) FROM positioned) = $8
+    {_RECORD_TEMPLATE.format(name="$4", published="$5", assigned="$6", lsn="$7")}
+       AND (SELECT count(*) FROM positioned) = $8
     RETURNING 1)
 SELECT positioned.*, (SELECT count(*) FROM recorded) AS recorded FROM positioned
 """
@@ -122,10 +127,6 @@ SELECT i.seq, i.xid, '{ACCESS_IMAGE_TYPE}', i.resource_type, i.action, i.entity_
             access, committed_at)
 RETURNING {COLUMNS}
 """
-_RECORD = (
-    "UPDATE outbox_relay SET position = greatest(position, $2), assigned = $3,"
-    " lsn = $4::text::pg_lsn, updated_at = now() WHERE name = $1"
-)
 _VISIBLE = "SELECT pg_visible_in_snapshot($1::text::xid8, pg_current_snapshot())"
 
 
@@ -146,7 +147,6 @@ class Transaction:
     (`end_lsn`), its commit time, its outbox rows (ids, in log order) and access changes."""
 
     xid32: int
-    final_lsn: LSN
     commit_time_us: int
     end_lsn: LSN = 0
     outbox_ids: list[int] = field(default_factory=list)
@@ -176,18 +176,13 @@ class TransactionReader:
         self._decoder = Decoder()
         self._open: Transaction | None = None
 
-    @property
-    def inside(self) -> bool:
-        """True while a transaction has begun and not yet committed."""
-        return self._open is not None
-
     def feed(self, payloads: Sequence[bytes]) -> list[Transaction]:
         """Decode `payloads` in order; return the transactions whose commit they include."""
         done: list[Transaction] = []
         for payload in payloads:
             message = self._decoder.decode(payload)
             if isinstance(message, Begin):
-                self._open = Transaction(message.xid, message.final_lsn, message.commit_time_us)
+                self._open = Transaction(message.xid, message.commit_time_us)
             elif isinstance(message, Commit):
                 if self._open is not None:
                     self._open.end_lsn = message.end_lsn
@@ -288,9 +283,12 @@ async def position(
     seqs: list[int] = []
     times: list[datetime] = []
     owner: dict[int, Transaction] = {}
+    changes: list[tuple[AccessChange, int, Transaction]] = []  # each with its position
     next_seq = assigned
     for txn in txns:
-        next_seq += len(txn.access)
+        for change in txn.access:
+            next_seq += 1
+            changes.append((change, next_seq, txn))
         for row_id in txn.outbox_ids:
             next_seq += 1
             ids.append(row_id)
@@ -298,8 +296,8 @@ async def position(
             times.append(txn.committed_at)
             owner[row_id] = txn
     lsn = txns[-1].end_lsn
-    record = (name, published, next_seq, format_lsn(lsn))
-    if not any(txn.access for txn in txns):
+    record = (name, published, next_seq, lsn)
+    if not changes:
         rows = await conn.fetch(_POSITION_AND_RECORD, ids, seqs, times, *record, len(ids))
         if len(rows) == len(ids):
             events, malformed = _events(rows)
@@ -307,16 +305,12 @@ async def position(
             return Positioned(events, malformed, next_seq, lsn)
     async with conn.transaction():
         reference = int(await conn.fetchval("SELECT pg_current_xact_id()::text::bigint"))
-        images: list[tuple[Any, ...]] = []
-        seq = assigned
-        for txn in txns:
-            xid = _full_xid(txn.xid32, reference)
-            for change in txn.access:
-                seq += 1
-                images.append(_image_row(change, seq, xid, txn.committed_at))
-            seq += len(txn.outbox_ids)
         rows = []
-        if images:
+        if changes:
+            images = [
+                _image_row(change, seq, _full_xid(txn.xid32, reference), txn.committed_at)
+                for change, seq, txn in changes
+            ]
             rows += await conn.fetch(_INSERT_IMAGES, *map(list, zip(*images, strict=True)))
         if ids:
             rows += await _position_rows(conn, ids, seqs, times, owner, reference)
@@ -422,7 +416,7 @@ class WalIngest:
         if row is None:
             raise RuntimeError(f"outbox_relay has no row {self.name!r}: lead() creates it")
         self.position, self.assigned = int(row["position"]), int(row["assigned"])
-        self.lsn = parse_lsn(row["lsn"]) if row["lsn"] else 0
+        self.lsn = int(row["lsn"])
         own_pid = await self._stream.open(self.timeout_s)
         status = await conn.fetchrow(
             "SELECT active_pid, wal_status FROM pg_replication_slots WHERE slot_name = $1",
@@ -457,7 +451,7 @@ class WalIngest:
         if self.position < self.assigned:
             await self._republish(conn)
         messages = await self._stream.read(wait_s, self.read_limit)
-        fed = self._reader.feed([payload for _, payload in messages])
+        fed = self._reader.feed(messages)
         txns = [t for t in fed if t.end_lsn > self.lsn]
         if not txns:
             return 0
@@ -499,7 +493,7 @@ class WalIngest:
             await self._publish(page.events)
             self.position = page.last
         self.position = self.assigned
-        await conn.execute(_RECORD, self.name, self.position, self.assigned, format_lsn(self.lsn))
+        await conn.execute(_RECORD, self.name, self.position, self.assigned, self.lsn)
 
     async def _bootstrap(self, conn: PgConnection, snapshot: str, consistent_lsn: LSN) -> None:
         """Position, in the new slot's exported snapshot, every row committed before the slot
@@ -526,7 +520,7 @@ class WalIngest:
             )
             self.assigned = start + int(count)
             self.lsn = consistent_lsn
-            await conn.execute(_RECORD, self.name, 0, self.assigned, format_lsn(self.lsn))
+            await conn.execute(_RECORD, self.name, 0, self.assigned, self.lsn)
         logger.info(
             "replication slot %s created at %s; %d earlier rows positioned",
             self.slot,
