@@ -46,13 +46,14 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from redis.backoff import EqualJitterBackoff
 
 from core.cursors import format_cursor
-from core.schema.ingest import ingest_mode, slot_name
+from core.schema.ingest import database_slot, ingest_mode
 from core.schema.migrations import NOTIFY_CHANNEL
 from core.types import Connection
 from sync import leader, metrics
@@ -73,7 +74,7 @@ BACKOFF_CAP_S = 5.0
 
 LAG_INTERVAL_S = 1.0
 """While behind, how often the relay measures its lag (`relay_lag`, a count query), seconds;
-in wal mode, how often it reads its slot's retained WAL and lag (`slot_lag`)."""
+in wal mode, how often it reads its slot's retained WAL and lag (`slot_status`)."""
 
 WAL_WAIT_S = 0.2
 """In wal mode, how long one step waits for the slot's next message, seconds (bounds how long
@@ -98,7 +99,7 @@ _LOAD_POSITION = "SELECT position FROM outbox_relay WHERE name = $1"
 _SAVE_POSITION = (
     "UPDATE outbox_relay SET position = greatest(position, $2), updated_at = now() WHERE name = $1"
 )
-_POSITION_ROW = "SELECT position, updated_at FROM outbox_relay WHERE name = $1"
+_POSITION_ROW = "SELECT position, assigned, updated_at FROM outbox_relay WHERE name = $1"
 _LAG = """
 SELECT count(*) AS rows,
        coalesce(greatest(extract(epoch FROM clock_timestamp() - min(committed_at)), 0), 0)::float8
@@ -226,11 +227,10 @@ class OutboxRelay:
             if mode == "trigger" and self.listen:
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
         if mode == "wal":
-            database = str(await conn.fetchval("SELECT current_database()"))
             self.wal = WalIngest(
                 self.dsn,
                 self.bus,
-                slot=slot_name(database),
+                slot=await database_slot(conn),
                 name=self.name,
                 read_limit=4 * self.batch_size,  # about batch_size events of 1-row txns
                 timeout_s=self.query_timeout_s,
@@ -285,9 +285,9 @@ class OutboxRelay:
         now = time.monotonic()
         if now - self._lag_measured >= LAG_INTERVAL_S:
             async with asyncio.timeout(self.query_timeout_s):
-                retained, lag = await slot_lag(conn, wal.slot)
-            metrics.RELAY_SLOT_RETAINED_BYTES.set(retained)
-            metrics.RELAY_SLOT_LAG_BYTES.set(lag)
+                slot = await slot_status(conn, wal.slot)
+            metrics.RELAY_SLOT_RETAINED_BYTES.set(slot.retained_bytes if slot else 0)
+            metrics.RELAY_SLOT_LAG_BYTES.set(slot.lag_bytes if slot else 0)
             self._lag_measured = now
         return rows
 
@@ -447,16 +447,46 @@ async def relay_lag(conn: Connection, name: str = "default") -> tuple[int, float
     return int(row["rows"]), float(row["seconds"])
 
 
-_WAL_STATUS = """
-SELECT r.assigned, r.updated_at, s.active, s.wal_status,
+_SLOT_STATUS = """
+SELECT s.active, s.wal_status,
        coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn), 0)::bigint AS retained,
        coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn), 0)::bigint AS lag,
        coalesce(extract(epoch FROM a.flush_lag), 0)::float8 AS lag_seconds
-  FROM (SELECT $1::text AS name) n
-  LEFT JOIN outbox_relay r ON r.name = n.name
-  LEFT JOIN pg_replication_slots s ON s.slot_name = $2
-  LEFT JOIN pg_stat_replication a ON a.pid = s.active_pid
+  FROM pg_replication_slots s LEFT JOIN pg_stat_replication a ON a.pid = s.active_pid
+ WHERE s.slot_name = $1
 """
+
+
+@dataclass(frozen=True, slots=True)
+class SlotStatus:
+    """A replication slot as `pg_replication_slots` shows it (PostgreSQL docs):
+    `wal_status` "lost" means the server invalidated it (the relay recreates it,
+    sync/wal.py); `retained_bytes`: WAL it keeps from being removed (from its `restart_lsn`);
+    `lag_bytes`: WAL written since the LSN it last acknowledged (`confirmed_flush_lsn`);
+    `lag_seconds`: its reader's flush lag (`pg_stat_replication.flush_lag`, 0 caught up)."""
+
+    name: str
+    active: bool
+    wal_status: str
+    retained_bytes: int
+    lag_bytes: int
+    lag_seconds: float
+
+
+async def slot_status(conn: Connection, slot: str) -> SlotStatus | None:
+    """The replication slot `slot`, or None when it does not exist. Raises what asyncpg
+    raises when Postgres fails."""
+    row = await conn.fetchrow(_SLOT_STATUS, slot)
+    if row is None:
+        return None
+    return SlotStatus(
+        slot,
+        bool(row["active"]),
+        str(row["wal_status"]),
+        int(row["retained"]),
+        int(row["lag"]),
+        round(float(row["lag_seconds"]), 3),
+    )
 
 
 async def relay_status(conn: Connection, name: str = "default") -> dict[str, object]:
@@ -465,55 +495,40 @@ async def relay_status(conn: Connection, name: str = "default") -> dict[str, obj
     Trigger ingest: `{"ingest", "position" (cursor or None), "updated_at", "lag_rows",
     "lag_seconds"}` (`relay_lag`). Wal ingest: the same keys, `position` being the last
     position given and `lag_rows` None (rows not yet positioned are not counted: that would
-    scan the outbox), `lag_seconds` the slot's flush lag (`pg_stat_replication.flush_lag`,
-    0 when caught up), plus `slot`: `{"name", "active", "wal_status", "retained_bytes",
-    "lag_bytes"}` (`wal_status` "lost" means the server invalidated it; the relay recreates
-    it, see sync/wal.py), or None when the slot does not exist.
+    scan the outbox), `lag_seconds` the slot's flush lag, plus `slot`: `{"name", "active",
+    "wal_status", "retained_bytes", "lag_bytes"}` (`SlotStatus`), or None when the slot does
+    not exist.
     Raises what asyncpg raises when Postgres fails.
     """
+    row = await conn.fetchrow(_POSITION_ROW, name)
+    updated_at = row["updated_at"].isoformat() if row else None
     if await ingest_mode(conn) == "trigger":
-        row = await conn.fetchrow(_POSITION_ROW, name)
         rows, seconds = await relay_lag(conn, name)
         return {
             "ingest": "trigger",
             "position": format_cursor(int(row["position"])) if row else None,
-            "updated_at": row["updated_at"].isoformat() if row else None,
+            "updated_at": updated_at,
             "lag_rows": rows,
             "lag_seconds": round(seconds, 3),
         }
-    slot = slot_name(str(await conn.fetchval("SELECT current_database()")))
-    row = await conn.fetchrow(_WAL_STATUS, name, slot)
-    assigned = row["assigned"]
+    slot = await slot_status(conn, await database_slot(conn))
+    assigned = row["assigned"] if row else None
     return {
         "ingest": "wal",
         "position": format_cursor(int(assigned)) if assigned is not None else None,
-        "updated_at": row["updated_at"].isoformat() if row["updated_at"] else None,
+        "updated_at": updated_at,
         "lag_rows": None,
-        "lag_seconds": round(float(row["lag_seconds"]), 3),
+        "lag_seconds": slot.lag_seconds if slot else 0.0,
         "slot": None
-        if row["active"] is None
+        if slot is None
         else {
-            "name": slot,
-            "active": row["active"],
-            "wal_status": row["wal_status"],
-            "retained_bytes": int(row["retained"]),
-            "lag_bytes": int(row["lag"]),
+            "name": slot.name,
+            "active": slot.active,
+            "wal_status": slot.wal_status,
+            "retained_bytes": slot.retained_bytes,
+            "lag_bytes": slot.lag_bytes,
         },
     }
-
-
-async def slot_lag(conn: Connection, slot: str) -> tuple[int, int]:
-    """Bytes of WAL the replication slot `slot` keeps from being removed (from its
-    `restart_lsn`), and bytes of WAL written since the last LSN it acknowledged
-    (`confirmed_flush_lsn`); (0, 0) when the slot does not exist. PostgreSQL docs,
-    "pg_replication_slots"."""
-    row = await conn.fetchrow(
-        "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint AS kept,"
-        " coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint AS lag"
-        " FROM pg_replication_slots WHERE slot_name = $1",
-        slot,
-    )
-    return (int(row["kept"]), int(row["lag"])) if row else (0, 0)
 
 
 async def _wait_any(events: Sequence[asyncio.Event], timeout_s: float) -> None:

@@ -70,8 +70,8 @@ class ReplicationStream:
         self._conn: Any = None
         self._cursor: Any = None
 
-    async def open(self, timeout_s: float) -> int:
-        """Connect in replication mode; returns the walsender's backend pid."""
+    async def open(self, timeout_s: float) -> None:
+        """Connect in replication mode."""
         self._conn = psycopg2.connect(
             self.dsn,
             connection_factory=psycopg2.extras.LogicalReplicationConnection,
@@ -81,7 +81,6 @@ class ReplicationStream:
         async with asyncio.timeout(timeout_s):
             await self._wait()
         self._cursor = self._conn.cursor()
-        return int(self._conn.info.backend_pid)
 
     async def create_slot(self, timeout_s: float) -> NewSlot:
         """CREATE_REPLICATION_SLOT with pgoutput, exporting its snapshot (PostgreSQL docs,

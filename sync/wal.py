@@ -51,7 +51,7 @@ import asyncpg
 import orjson
 
 from core.events import ACCESS_IMAGE_TYPE, Event, MalformedEvent
-from core.schema.ingest import ACCESS_PUBLICATION, OUTBOX_PUBLICATION
+from core.schema.ingest import ACCESS_PUBLICATION, OUTBOX_PUBLICATION, release_slot
 from core.types import Connection, Row
 from sync import metrics
 from sync.bus import Batch, Bus
@@ -379,7 +379,7 @@ class WalIngest:
 
     `dsn`: the relay's Postgres DSN (libpq form; the replication connection must reach
     Postgres directly, not through a transaction-mode pooler). `slot`: the slot name
-    (`core.schema.ingest.slot_name`). `name`: the `outbox_relay` row. `read_limit`: messages
+    (`core.schema.ingest.database_slot`). `name`: the `outbox_relay` row. `read_limit`: messages
     read per step at most. `timeout_s` bounds connects and commands.
     """
 
@@ -417,21 +417,18 @@ class WalIngest:
             raise RuntimeError(f"outbox_relay has no row {self.name!r}: lead() creates it")
         self.position, self.assigned = int(row["position"]), int(row["assigned"])
         self.lsn = int(row["lsn"])
-        own_pid = await self._stream.open(self.timeout_s)
-        status = await conn.fetchrow(
-            "SELECT active_pid, wal_status FROM pg_replication_slots WHERE slot_name = $1",
-            self.slot,
+        await self._stream.open(self.timeout_s)
+        # A slot serves one reader: the previous relay's WAL sender, if it lingers, belongs to
+        # a session that lost the lock (dead or deposed).
+        exists = await release_slot(conn, self.slot, self.timeout_s)
+        status = await conn.fetchval(
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", self.slot
         )
-        if status is not None and status["active_pid"] not in (None, own_pid):
-            # The previous relay's walsender: its session lost the lock, so it is dead or
-            # deposed, and the slot can serve one reader only.
-            await conn.execute("SELECT pg_terminate_backend($1)", status["active_pid"])
-            await _slot_released(conn, self.slot, self.timeout_s)
-        if status is not None and status["wal_status"] == "lost":
+        if exists and status == "lost":
             logger.error("replication slot %s was invalidated: recreating it", self.slot)
             await conn.execute("SELECT pg_drop_replication_slot($1)", self.slot)
-            status = None
-        if status is None:
+            exists = False
+        if not exists:
             new = await self._stream.create_slot(self.timeout_s)
             await self._bootstrap(conn, new.snapshot, new.consistent_lsn)
         await self._republish(conn)
@@ -527,15 +524,3 @@ class WalIngest:
             format_lsn(consistent_lsn),
             count,
         )
-
-
-async def _slot_released(conn: Connection, slot: str, timeout_s: float) -> None:
-    """Wait until no walsender reads `slot`; raises TimeoutError after `timeout_s` seconds."""
-    for _ in range(max(1, round(timeout_s / 0.05))):
-        active = await conn.fetchval(
-            "SELECT active_pid IS NOT NULL FROM pg_replication_slots WHERE slot_name = $1", slot
-        )
-        if not active:
-            return
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"replication slot {slot} is still read by another walsender")

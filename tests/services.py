@@ -28,7 +28,7 @@ from urllib.parse import quote
 import asyncpg
 import redis
 
-from core.schema.ingest import Mode
+from core.schema.ingest import Mode, release_slot
 from gateway.embedded import LOGICAL_DECODING, prepare_pgdata
 
 LOGICAL_TEST_SETTINGS: Final[Mapping[str, str]] = {
@@ -92,10 +92,10 @@ class PgServer:
         DROP DATABASE drops idle slots of the database itself but refuses one "used by an
         active logical replication slot", and FORCE does not end the walsender streaming from
         it (PostgreSQL docs, DROP DATABASE). So each slot of `name` in `pg_replication_slots`
-        is dropped first: its walsender, if any, ended with `pg_terminate_backend(active_pid)`,
-        then `pg_drop_replication_slot` called from a connection to `name` (the docs of that
-        function require the slot's database), retried every 50 ms while the walsender exits.
-        Raises TimeoutError if a slot is still there after 5 s, asyncpg errors otherwise (the
+        is dropped first: its walsender, if any, ended and waited for
+        (`core.schema.ingest.release_slot`), then `pg_drop_replication_slot` called from a
+        connection to `name` (the docs of that function require the slot's database).
+        Raises TimeoutError if a slot is still read after 5 s, asyncpg errors otherwise (the
         server unreachable).
         """
         conn = await asyncpg.connect(self.dsn("postgres"))
@@ -112,29 +112,11 @@ class PgServer:
     async def _drop_slots(self, database: str) -> None:
         conn = await asyncpg.connect(self.dsn(database))
         try:
-            deadline = time.monotonic() + _SLOT_DROP_TIMEOUT_S
-            while True:
-                rows = await conn.fetch(
-                    "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = $1",
-                    database,
-                )
-                if not rows:
-                    return
-                if time.monotonic() > deadline:
-                    names = ", ".join(row["slot_name"] for row in rows)
-                    raise TimeoutError(f"replication slots of {database} still in use: {names}")
-                busy = False
-                for row in rows:
-                    if row["active_pid"] is not None:
-                        await conn.execute("SELECT pg_terminate_backend($1)", row["active_pid"])
-                    try:
-                        await conn.execute("SELECT pg_drop_replication_slot($1)", row["slot_name"])
-                    except asyncpg.ObjectInUseError:
-                        busy = True  # the walsender has not exited yet
-                    except asyncpg.UndefinedObjectError:
-                        pass  # a temporary slot, gone with its walsender
-                if busy:
-                    await asyncio.sleep(0.05)
+            for slot in await conn.fetch(
+                "SELECT slot_name FROM pg_replication_slots WHERE database = $1", database
+            ):
+                if await release_slot(conn, slot["slot_name"], _SLOT_DROP_TIMEOUT_S):
+                    await conn.execute("SELECT pg_drop_replication_slot($1)", slot["slot_name"])
         finally:
             await conn.close()
 

@@ -2,16 +2,15 @@
 -- database, set by `userstream migrate` and followed by every process. One row only.
 --
 -- `trigger`: the commit trigger of 002_outbox.sql draws each row's position at commit and
--- NOTIFYs the relay. `wal`: the relay reads committed changes from a logical replication slot
--- (`slot`) through the publications `userstream_outbox` and `userstream_access`, and gives
--- positions itself; no trigger runs in the publisher's commit.
+-- NOTIFYs the relay. `wal`: the relay reads committed changes from the logical replication slot
+-- `userstream_<database>` through the publications `userstream_outbox` and
+-- `userstream_access`, and gives positions itself; no trigger runs in the publisher's commit.
 
 CREATE TABLE IF NOT EXISTS userstream_ingest (
     singleton  boolean PRIMARY KEY DEFAULT true CONSTRAINT userstream_ingest_one_row
                CHECK (singleton),
     mode       text NOT NULL DEFAULT 'trigger'
                CONSTRAINT userstream_ingest_mode CHECK (mode IN ('trigger', 'wal')),
-    slot       text,
     changed_at timestamptz -- null until `userstream migrate` first chooses a mode
 );
 

@@ -177,7 +177,6 @@ async def set_ingest_mode(conn: Connection, requested: Mode | Literal["auto"]) -
         mode = requested
     if mode == "wal" and blockers:
         raise IngestUnavailable("wal ingest is not possible here: " + "; ".join(blockers))
-    database = str(await conn.fetchval("SELECT current_database()"))
     await conn.execute("BEGIN")
     try:
         if mode == "wal":
@@ -185,32 +184,37 @@ async def set_ingest_mode(conn: Connection, requested: Mode | Literal["auto"]) -
         else:
             await conn.execute(_PUBLICATIONS_OFF + _TRIGGERS_ON)
             await conn.execute(_POSITION_LEFTOVERS)
-        await conn.execute(
-            "UPDATE userstream_ingest SET mode = $1, slot = $2, changed_at = now()",
-            mode,
-            slot_name(database) if mode == "wal" else None,
-        )
+        await conn.execute("UPDATE userstream_ingest SET mode = $1, changed_at = now()", mode)
         await conn.execute("COMMIT")
     except BaseException:
         await conn.execute("ROLLBACK")
         raise
     if mode == "trigger":
-        await _drop_slot(conn, slot_name(database))
+        # The slot would hold WAL for ever: drop it, ending a relay that still reads it.
+        slot = await database_slot(conn)
+        if await release_slot(conn, slot):
+            await conn.execute("SELECT pg_drop_replication_slot($1)", slot)
     return IngestChoice(mode, blockers)
 
 
-async def _drop_slot(conn: Connection, slot: str) -> None:
-    """Drop the wal-mode slot, if any, so that it no longer holds WAL: first end the
-    walsender reading it (a relay that has not yet followed the switch)."""
-    for _ in range(100):
+async def database_slot(conn: Connection) -> str:
+    """The replication slot of `conn`'s database (`slot_name` of `current_database()`)."""
+    return slot_name(str(await conn.fetchval("SELECT current_database()")))
+
+
+async def release_slot(conn: Connection, slot: str, timeout_s: float = 5.0) -> bool:
+    """End the WAL sender reading replication slot `slot`, if one does, and wait until the
+    slot is free (a slot serves one reader). Returns whether the slot exists. Raises
+    TimeoutError when it is still read after `timeout_s` seconds (a relay reconnecting as
+    fast as it is ended: stop the relays and try again)."""
+    for _ in range(max(1, round(timeout_s / 0.05))):
         row = await conn.fetchrow(
             "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", slot
         )
         if row is None:
-            return
+            return False
         if row["active_pid"] is None:
-            await conn.execute("SELECT pg_drop_replication_slot($1)", slot)
-            return
+            return True
         await conn.execute("SELECT pg_terminate_backend($1)", row["active_pid"])
         await asyncio.sleep(0.05)
-    raise RuntimeError(f"replication slot {slot} stays in use: stop the relays and migrate again")
+    raise TimeoutError(f"replication slot {slot} is still read after {timeout_s} s")
