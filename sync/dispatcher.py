@@ -283,7 +283,7 @@ class Dispatcher:
             if subscriber.queue(own, event.committed_at):
                 unflushed[subscriber] = None
                 delivered += 1
-                if subscriber.buffered_bytes > subscriber.max_buffer_bytes // 2:
+                if subscriber.half_full:
                     self._pressed = True
             else:
                 slow.append(subscriber)

@@ -51,6 +51,7 @@ class Subscriber:
         "after",
         "chunk_committed_at",
         "close_reason",
+        "half_full",
         "id",
         "max_buffer_bytes",
         "sent_since_ping",
@@ -79,6 +80,9 @@ class Subscriber:
         self._oldest_commit = 0.0
         self.chunk_committed_at = 0.0
         self.sent_since_ping = False
+        self.half_full = False
+        """True when the last `queue` left more than half of `max_buffer_bytes` buffered: the
+        dispatcher then lets sockets drain before its next transaction."""
         self.write_now: Callable[[Frame, float], None] | None = None
         """Set by the response while its socket can take a write without waiting: writes
         `frame` (of an event committed at the epoch seconds given, 0 for none) synchronously;
@@ -107,15 +111,18 @@ class Subscriber:
         """
         if self._closed:
             raise SubscriberClosed(f"subscriber {self.id} is closed ({self.close_reason})")
-        if self._bytes + self._inflight + len(frame) > self.max_buffer_bytes:
+        buffered = self._bytes + self._inflight + len(frame)
+        if buffered > self.max_buffer_bytes:
             self.flush()  # an idle writer takes what is queued at once, making room
-            if self._bytes + self._inflight + len(frame) > self.max_buffer_bytes:
+            buffered = self._bytes + self._inflight + len(frame)
+            if buffered > self.max_buffer_bytes:
                 return False
         if not self._queue:
             self._oldest_commit = committed_at
         self._queue.append(frame)
         self._bytes += len(frame)
         self.sent_since_ping = True
+        self.half_full = buffered > self.max_buffer_bytes >> 1
         return True
 
     def flush(self) -> None:
