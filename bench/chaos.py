@@ -38,7 +38,7 @@ In wal mode, also (`WAL_FAULT_KINDS`):
   take the slot: the time until the slot streams to another walsender and positions advance
   is the slot takeover time; a new standby is started.
 Wal mode runs on a Postgres 16 with logical decoding and durable commits started here
-(`bench.writers.durable_logical_server`); trigger mode runs on the tests' server
+(`bench.database.durable_logical_server`); trigger mode runs on the tests' server
 (`tests.services.postgres_server`) with the eight faults listed first, as it always did.
 One progress line per fault. After each fault a probe measures the recovery: the time until
 every client holds the newest event, committed when the fault ended, that it may see.
@@ -84,7 +84,7 @@ import orjson
 import redis.asyncio as aioredis
 from httpx_sse import ServerSentEvent
 
-from bench.writers import durable_logical_server
+from bench.database import durable_logical_server
 from core.schema.ingest import MODES, Mode, set_ingest_mode, slot_name
 from core.schema.migrations import migrate
 from tests.e2e.harness import JWT_SECRET, Gateway, Processes
@@ -476,12 +476,12 @@ class Chaos:
         reap it, time the standby's takeover of the leadership, start a new standby."""
         self.relays.remove(victim)
         status = await asyncio.to_thread(victim.wait)
-        try:
-            await self._until(lambda: self._relay_leads(db), "the standby", TAKEOVER_WAIT_S)
-            takeover_s = elapsed_since(killed_at)
-            self.takeovers.append(takeover_s)
+        takeover_s = await self._timed(
+            lambda: self._relay_leads(db), "the standby", killed_at, self.takeovers
+        )
+        if takeover_s is not None:
             taken = f"standby {await active_relay_pid(db)} led after {takeover_s:.2f} s"
-        except TimeoutError:
+        else:
             taken = f"NO takeover within {TAKEOVER_WAIT_S:.0f} s"
             self.notes.append(f"relay kill of {victim.pid}: {taken}")
         self.relays.append(self._relay())
@@ -531,12 +531,12 @@ class Chaos:
             now = await self._walsender(db)
             return now is not None and now != walsender and await self._assigned(db) > assigned
 
-        try:
-            await self._until(taken, "the standby to stream the slot", TAKEOVER_WAIT_S)
-            slot_s = elapsed_since(killed_at)
-            self.slot_takeovers.append(slot_s)
+        slot_s = await self._timed(
+            taken, "the standby to stream the slot", killed_at, self.slot_takeovers
+        )
+        if slot_s is not None:
             slot = f"slot streamed by walsender {await self._walsender(db)} after {slot_s:.2f} s"
-        except TimeoutError:
+        else:
             slot = f"slot NOT taken over within {TAKEOVER_WAIT_S:.0f} s"
             self.notes.append(f"slot takeover after killing {victim.pid}: {slot}")
         return f"{detail}, {slot} (walsender {walsender} before)"
@@ -549,12 +549,12 @@ class Chaos:
         await asyncio.to_thread(self.pg.restart)
         restart_s = elapsed_since(began)
         db = await self.db()
-        try:
-            await self._until(lambda: self._slot_streams(db), "the slot again", TAKEOVER_WAIT_S)
-            back_s = elapsed_since(began)
-            self.pg_restarts.append(back_s)
+        back_s = await self._timed(
+            lambda: self._slot_streams(db), "the slot again", began, self.pg_restarts
+        )
+        if back_s is not None:
             back = f"a relay streamed the slot again {back_s:.2f} s after the restart began"
-        except TimeoutError:
+        else:
             back = f"the slot did NOT stream again within {TAKEOVER_WAIT_S:.0f} s"
             self.notes.append(f"pg-restart: {back}")
         return f"Postgres restarted in {restart_s:.2f} s, {back}"
@@ -679,6 +679,19 @@ class Chaos:
             self.notes.append(
                 f"fault {fault} ({kind}): recovery took {self.recoveries[-1].seconds:.1f} s"
             )
+
+    async def _timed(
+        self, check: Callable[[], Awaitable[bool]], what: str, since: float, samples: list[float]
+    ) -> float | None:
+        """Seconds from `since` until `check` holds (polled by `_until`), also appended to
+        `samples`; None when it did not hold within TAKEOVER_WAIT_S."""
+        try:
+            await self._until(check, what, TAKEOVER_WAIT_S)
+        except TimeoutError:
+            return None
+        seconds = elapsed_since(since)
+        samples.append(seconds)
+        return seconds
 
     async def _until(
         self,

@@ -13,7 +13,7 @@ Baseline, measured in the same run: the latency of a bare Postgres LISTEN/NOTIFY
 
 Server. `--ingest wal` (the default) and `--ingest both` (wal, then trigger, on the same
 server, so the two are comparable) run on a Postgres 16 with logical decoding and durable
-commits started here (`bench.writers.durable_logical_server`: fsync, synchronous_commit and
+commits started here (`bench.database.durable_logical_server`: fsync, synchronous_commit and
 full_page_writes on); `--ingest trigger` alone runs on the tests' server
 (`tests.services.postgres_server`, as before ingest modes existed). The header names the
 server's version and commit settings.
@@ -34,7 +34,7 @@ from typing import Final
 import asyncpg
 import nanoid
 
-from bench.writers import durable_logical_server, wait_leading
+from bench.database import durable_logical_server, wait_leading
 from core.publish import OutboxEvent, publish
 from core.schema.ingest import Mode, set_ingest_mode
 from core.schema.migrations import migrate

@@ -14,7 +14,7 @@ measuring); the default run takes about 10 minutes.
 
 Ingest mode (`--ingest`, default wal; core/schema/ingest.py): the userstream target's database
 is put in that mode. With wal, every target runs against a Postgres 16 with logical decoding
-and durable commits started here (`bench.writers.durable_logical_server`); with trigger,
+and durable commits started here (`bench.database.durable_logical_server`); with trigger,
 against the machine's Postgres (`tests.services.postgres_server`).
 
 Pinning: every server `taskset -c <--server-cpu>` (default 0); the load client `sseload`, the
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadclient
+from bench.database import durable_logical_server
 from bench.scenarios import (
     FULL,
     IDLE_COLUMNS,
@@ -57,7 +58,6 @@ from bench.scenarios import (
 )
 from bench.targets import Target
 from bench.targets.userstream import UserstreamTarget
-from bench.writers import durable_logical_server
 from core.schema.ingest import MODES, Mode
 from tests.services import PgServer, postgres_server, redis_server
 
@@ -154,13 +154,17 @@ def markdown(path: Path) -> str:
     return "\n".join(parts)
 
 
-def machine() -> dict[str, Any]:
-    """Where the figures were taken: cpu model and count, kernel, Python, library versions."""
-    model = ""
+def cpu_model() -> str:
+    """The CPU model named in /proc/cpuinfo (else `platform.processor()`)."""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures were taken: cpu model and count, kernel, Python, library versions."""
+    model = cpu_model()
     versions: dict[str, str | None] = {}
     for package in ("uvicorn", "starlette", "sse-starlette", "uvloop", "httptools", "orjson"):
         try:

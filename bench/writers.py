@@ -6,10 +6,10 @@
 (`--out` defaults to bench/writers.json, and to bench/writers-relay.json with
 `--relay-ceiling`; `--warmup 2` and `--writer-procs 1` apply to both.)
 
-Server. Every mode runs on one Postgres 16 from the `pgserver` wheel, started here in a
-temporary folder with logical decoding (`gateway.embedded.LOGICAL_DECODING`) and durable
-commits (`DURABLE_SETTINGS`: fsync, synchronous_commit and full_page_writes on, so that each
-COMMIT waits for its WAL flush, PostgreSQL docs 20.5.1), stopped and deleted at the end.
+Server. Every mode runs on one Postgres 16 from the `pgserver` wheel with logical decoding
+and durable commits (`bench.database.durable_logical_server`: fsync, synchronous_commit and
+full_page_writes on, so that each COMMIT waits for its WAL flush, PostgreSQL docs 20.5.1),
+stopped and deleted at the end.
 `USERSTREAM_TEST_PG_WAL` ("host:port" or "/socket/dir:port") names a running server instead;
 its settings are reported, never changed. The bus is Redis (`sync.bus_redis.RedisBus`, a key
 prefix per database; `tests.services.redis_server`).
@@ -56,11 +56,10 @@ import multiprocessing
 import os
 import platform
 import signal
-import statistics
 import sys
 import time
 from array import array
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
@@ -70,25 +69,18 @@ import asyncpg
 import psutil
 import redis.asyncio as aioredis
 
-from core.schema.ingest import set_ingest_mode, slot_name
+from bench.database import durable_logical_server, wait_leading
+from bench.latency import percentiles
+from bench.suite import cpu_model
+from core.schema.ingest import set_ingest_mode
 from core.schema.migrations import migrate
-from gateway.embedded import LOGICAL_DECODING
 from sync.bus_redis import RedisBus
 from sync.relay import OutboxRelay
-from tests.services import PgServer, logical_postgres_server, redis_server
+from tests.services import PgServer, redis_server
 
 Mode = Literal["plain", "wal", "trigger"]
 MODES: Final[tuple[Mode, ...]] = ("plain", "wal", "trigger")
 RELAYED: Final[tuple[Mode, ...]] = ("wal", "trigger")
-
-DURABLE_SETTINGS: Final[Mapping[str, str]] = {
-    **LOGICAL_DECODING,
-    "max_connections": "200",
-    "fsync": "on",
-    "synchronous_commit": "on",
-    "full_page_writes": "on",
-}
-"""The benchmark server's settings: logical decoding and Postgres' durable defaults, stated."""
 
 REPORTED_SETTINGS: Final = (
     "server_version",
@@ -153,21 +145,6 @@ def chat_message(entity_id: str) -> str:
         f'{{"id":"{entity_id}","workspace_id":"w1","stream_id":"s1","author_id":"u1",'
         f'"text":"{_TEXT}","mentions":["u2"],"attachments":[],"edited":false}}'
     )
-
-
-@contextlib.contextmanager
-def durable_logical_server() -> Iterator[PgServer]:
-    """A Postgres 16 with logical decoding and durable commits, in a new temporary folder.
-
-    `USERSTREAM_TEST_PG_WAL`, when set, names the server to use instead (as for
-    `tests.services.logical_postgres_server`). Otherwise the cluster is made by
-    `gateway.embedded.prepare_pgdata` with `DURABLE_SETTINGS` and started by pgserver's
-    `get_server` on a Unix socket in that folder; stopped and deleted on exit. Raises
-    subprocess.CalledProcessError or subprocess.TimeoutExpired if it cannot start.
-    """
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
-    with logical_postgres_server(DURABLE_SETTINGS, prefix="userstream-bench-pg-") as server:
-        yield server
 
 
 @contextlib.asynccontextmanager
@@ -297,28 +274,6 @@ async def running_relay(dsn: str, redis_url: str, prefix: str) -> AsyncIterator[
         await relay.stop()
 
 
-async def wait_leading(dsn: str, mode: Mode, timeout_s: float = 30.0) -> None:
-    """Wait until a relay leads `dsn`'s database: in wal mode its slot is streaming (active),
-    in trigger mode its `outbox_relay` row exists. Raises TimeoutError after `timeout_s`."""
-    conn = await asyncpg.connect(dsn)
-    args: tuple[str, ...] = ()
-    try:
-        if mode == "wal":
-            database = str(await conn.fetchval("SELECT current_database()"))
-            query, args = (
-                "SELECT coalesce((SELECT active FROM pg_replication_slots WHERE slot_name = $1),"
-                " false)",
-                (slot_name(database),),
-            )
-        else:
-            query = "SELECT EXISTS (SELECT 1 FROM outbox_relay)"
-        async with asyncio.timeout(timeout_s):
-            while not await conn.fetchval(query, *args):  # noqa: ASYNC110 (polling Postgres)
-                await asyncio.sleep(_POLL_S)
-    finally:
-        await conn.close()
-
-
 async def make_slot(dsn: str, redis_url: str, prefix: str) -> None:
     """Run a relay on a wal-mode database until its slot streams, then stop it: the slot
     stays and keeps every later commit for the next relay."""
@@ -432,14 +387,6 @@ def cpu_jiffies() -> tuple[int, int]:
     with open("/proc/stat") as stat:
         fields = [int(v) for v in stat.readline().split()[1:9]]
     return sum(fields) - fields[3] - fields[4], sum(fields)
-
-
-def cpu_model() -> str:
-    """The CPU model named in /proc/cpuinfo (else `platform.processor()`)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 @dataclass(frozen=True)
@@ -610,19 +557,12 @@ class WriterRun:
     vs_plain: float | None = None
 
 
-def _quantiles_ms(samples: Sequence[float]) -> tuple[float | None, float | None, float | None]:
-    """p50, p99 and max of `samples` (s) in ms; None each with fewer than 2 samples."""
-    if len(samples) < 2:
-        return None, None, None
-    cuts = statistics.quantiles(samples, n=100, method="inclusive")
-    return cuts[49] * 1e3, cuts[98] * 1e3, max(samples) * 1e3
-
-
 def summarise(case: Case, opts: Options, writers: Writers, caught: CatchUp | None) -> WriterRun:
     """A `WriterRun` from the writers' report and, with a relay, its catch-up."""
     before, after = writers.before, writers.after
     span = after.at - before.at
-    p50, p99, worst = _quantiles_ms(writers.latencies)
+    cuts = percentiles(writers.latencies) if len(writers.latencies) >= 2 else {}
+    p50, p99, worst = cuts.get("p50"), cuts.get("p99"), cuts.get("max")
     run = WriterRun(
         label=case.label,
         mode=case.mode,

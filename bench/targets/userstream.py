@@ -2,7 +2,7 @@
 
 `start` creates a fresh database on the given Postgres server, applies the migrations, sets
 its ingest mode (`ingest`: `wal` or `trigger`, core/schema/ingest.py; wal needs a server with
-logical decoding, e.g. `bench.writers.durable_logical_server`), seeds workspace `w1` with a
+logical decoding, e.g. `bench.database.durable_logical_server`), seeds workspace `w1` with a
 public stream `s1` and `users` active members `u0..u{n-1}` (COPY), then starts
 `userstream relay` and `userstream serve --port P [--workers N]` pinned with `taskset`.
 Connections are `GET /me/stream?access_token=<HS256 JWT, sub u<i>>` (PROTOCOL.md §3); a
@@ -33,9 +33,9 @@ import nanoid
 import orjson
 import redis.asyncio as aioredis
 
+from bench.database import wait_leading
 from bench.targets import Scope
 from bench.targets.processes import descendants
-from bench.writers import wait_leading
 from core.publish import OutboxEvent, publish_many
 from core.schema.ingest import Mode, set_ingest_mode
 from core.schema.migrations import migrate
