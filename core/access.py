@@ -104,13 +104,10 @@ def can_read_stream(
 def can_receive(state: AccessState, user_id: str, event: Event, *, admin: bool = False) -> bool:
     """Whether `user_id` may receive `event`, judged against `state` (PROTOCOL.md §2).
 
-    The relay's own access images (`Event.internal`) go to nobody.
     Rule 1: an event with `user_id` goes to that user only. Rule 2: with `stream_id`, to active
     workspace members who can read the stream (`can_read_stream`). Rule 3: with only
     `workspace_id`, to every active member. An untracked user receives nothing.
     """
-    if event.internal:
-        return False
     if event.user_id is not None:
         return event.user_id == user_id
     user = state.users.get(user_id)

@@ -166,11 +166,13 @@ def _go_live(
 def _frames(
     events: Iterable[Event], cache: AccessCache, request: StreamRequest, subscriber: Subscriber
 ) -> list[Frame]:
-    """The change frames of `events` the user may receive and has not yet got: events its
-    prefetch saw are left out (`Subscriber.frame_for`)."""
+    """The change frames of `events` the user may receive and has not yet got: internal
+    events (never delivered) and events its prefetch saw are left out (`Subscriber.frame_for`)."""
     frames = []
     for event in events:
-        if can_receive(cache.state, request.user_id, event, admin=request.admin):
+        if not event.internal and can_receive(
+            cache.state, request.user_id, event, admin=request.admin
+        ):
             frame = subscriber.frame_for(event, encode_change(event))
             if frame is not None:
                 frames.append(frame)
