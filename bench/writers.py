@@ -653,7 +653,9 @@ class CeilingRun:
     """One relay-ceiling run: `rows` in `txns` transactions of `rows_per_txn`, committed in
     `preload_s`; the relay carried them to the bus in `drain_s` (from its process being
     ready): `events_per_s`, `txns_per_s`; CPU % of the relay (one core) and the machine (all
-    cores) meanwhile; `caught_up` and `unpositioned` as in `CatchUp`."""
+    cores) meanwhile, and the CPU time each spent per event (µs: the machine's is every
+    process's, Postgres' backends and WAL sender and Redis included); `caught_up` and
+    `unpositioned` as in `CatchUp`."""
 
     mode: str
     rows_per_txn: int
@@ -665,6 +667,8 @@ class CeilingRun:
     txns_per_s: float
     relay_cpu_pct: float
     machine_cpu_pct: float
+    relay_cpu_us_per_event: float
+    machine_cpu_us_per_event: float
     caught_up: bool
     unpositioned: int
 
@@ -687,6 +691,8 @@ async def ceiling_case(
                 caught = await catch_up(dsn, bus, rows, before.at, CEILING_LIMIT_S)
                 after = await probe.sample()
     span = caught.seconds
+    relay_cpu_s = after.relay_cpu_s - before.relay_cpu_s
+    machine_cpu_s = (after.busy - before.busy) / os.sysconf("SC_CLK_TCK")
     return CeilingRun(
         mode=mode,
         rows_per_txn=per_txn,
@@ -696,8 +702,10 @@ async def ceiling_case(
         drain_s=span,
         events_per_s=rows / span,
         txns_per_s=rows / per_txn / span,
-        relay_cpu_pct=100 * (after.relay_cpu_s - before.relay_cpu_s) / (after.at - before.at),
+        relay_cpu_pct=100 * relay_cpu_s / (after.at - before.at),
         machine_cpu_pct=100 * (after.busy - before.busy) / max(1, after.total - before.total),
+        relay_cpu_us_per_event=1e6 * relay_cpu_s / rows,
+        machine_cpu_us_per_event=1e6 * machine_cpu_s / rows,
         caught_up=caught.caught_up,
         unpositioned=caught.unpositioned,
     )
@@ -745,7 +753,8 @@ def ceiling_table(runs: Sequence[CeilingRun]) -> str:
     """The relay-ceiling runs as a fixed-width text table."""
     head = (
         f"{'mode':<8} {'rows/txn':>8} {'rows':>9} {'txns':>9} {'preload s':>9} {'drain s':>8}"
-        f" {'events/s':>9} {'txns/s':>8} {'relay cpu':>9} {'machine cpu':>11} {'all on bus':>15}"
+        f" {'events/s':>9} {'txns/s':>8} {'relay cpu':>9} {'machine cpu':>11}"
+        f" {'cpu µs/event: relay / all':>26} {'all on bus':>15}"
     )
     lines = [head, "-" * len(head)]
     for r in runs:
@@ -753,6 +762,7 @@ def ceiling_table(runs: Sequence[CeilingRun]) -> str:
             f"{r.mode:<8} {r.rows_per_txn:>8} {r.rows:>9,} {r.txns:>9,} {r.preload_s:>9.1f}"
             f" {r.drain_s:>8.2f} {r.events_per_s:>9,.0f} {r.txns_per_s:>8,.0f}"
             f" {_cell(r.relay_cpu_pct, 0, ' %'):>9} {_cell(r.machine_cpu_pct, 0, ' %'):>11}"
+            f" {f'{r.relay_cpu_us_per_event:.1f} / {r.machine_cpu_us_per_event:.1f}':>26}"
             f" {_on_bus(r.caught_up, r.unpositioned):>15}"
         )
     return "\n".join(lines)

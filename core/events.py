@@ -68,12 +68,15 @@ def scope_error(resource_type: str, columns: Mapping[str, Any]) -> str | None:
 
 def format_timestamp(value: datetime) -> str:
     """RFC 3339 UTC text with microseconds, e.g. `2026-11-20T10:00:00.123456Z` (PROTOCOL §3)."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
+    return utc.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
-    """One committed outbox row.
+    """One committed outbox row; never changed once built (not `frozen`: a frozen dataclass
+    sets each field through `object.__setattr__`, several times the cost of building it, and
+    every process builds one per event it reads).
 
     `seq` is the commit-ordered position (its text form is the cursor); `xid` identifies the
     publishing transaction (all events of one transaction have consecutive positions and one

@@ -156,6 +156,11 @@ _U64: Final = struct.Struct("!Q")
 _BEGIN: Final = struct.Struct("!QqI")  # final LSN, commit timestamp, xid
 _COMMIT: Final = struct.Struct("!BQQq")  # flags, commit LSN, end LSN, commit timestamp
 
+_BEGIN_KIND: Final = ord("B")
+_BEGIN_SIZE: Final = 1 + _BEGIN.size
+_COMMIT_KIND: Final = ord("C")
+_COMMIT_SIZE: Final = 1 + _COMMIT.size
+
 _REPLICA_IDENTITIES: Final = frozenset("dnfi")
 _KEY_FLAG: Final = 1  # LOGICALREP_IS_REPLICA_IDENTITY
 
@@ -249,6 +254,13 @@ class Decoder:
         """
         if not payload:
             raise DecodeError("empty message")
+        # Begin and Commit frame every transaction: decoded without the general reader when
+        # their size is exact (any other size takes the checked path, which raises).
+        kind_byte, size = payload[0], len(payload)
+        if kind_byte == _BEGIN_KIND and size == _BEGIN_SIZE:
+            return Begin(*_BEGIN.unpack_from(payload, 1))
+        if kind_byte == _COMMIT_KIND and size == _COMMIT_SIZE:
+            return Commit(*_COMMIT.unpack_from(payload, 1))
         reader = _Reader(payload)
         kind = reader.char()
         handler = self._handlers.get(kind)

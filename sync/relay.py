@@ -201,6 +201,8 @@ class OutboxRelay:
             self._failures = 0
             if self.wal is None and rows < self.batch_size and not more:
                 await _wait_any((stop, self._wake), self.poll_interval_s)
+        if self.wal is not None:
+            await self.wal.flush()
 
     async def lead(self) -> bool:
         """Connect if needed and try once to become the active relay; True when leader.
@@ -251,6 +253,8 @@ class OutboxRelay:
         page is read again by the next step. Raises RuntimeError when this relay is not the
         leader (call `lead()` first), TimeoutError when a query exceeds `query_timeout_s`,
         asyncpg/OS errors when Postgres fails, and whatever `bus.publish` raises.
+        In wal mode the step is `WalIngest.step`, whose publish may end after it returns
+        (`WalIngest.flush` waits for it).
         """
         if not self.is_leader or self._conn is None:
             raise RuntimeError(f"relay {self.name!r} is not the active relay: call lead() first")

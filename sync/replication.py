@@ -124,6 +124,10 @@ class ReplicationStream:
             timeout_s = 0.0  # read what arrived, never wait twice
         return messages
 
+    async def readable(self) -> None:
+        """Wait until the server has sent something (it may be less than a message)."""
+        await self._ready(self._conn.fileno(), writable=False)
+
     def acknowledge(self, lsn: LSN) -> None:
         """Report `lsn` as flushed: the server may then free the WAL before it. psycopg2 sends
         it with the next status update (at most `status_interval_s` later)."""

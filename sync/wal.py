@@ -25,6 +25,12 @@ happens here, after the commit:
 3. Publish the group's events to the bus as one `Batch`, then acknowledge the slot up to the
    recorded `lsn`, so the server may free the WAL before it.
 
+Pipeline. The three stages wait on three different servers (the WAL sender, Postgres, Redis),
+so `step` overlaps them: while one group is being positioned, the messages that arrived
+meanwhile are decoded into the next group, and the previous group is still being published.
+Groups are published one at a time, in order, each naming the last position of the one
+before (`Batch.prev`), and each is acknowledged only after its own publish.
+
 Exactly once. A transaction is positioned once: after a crash the slot sends again what was
 not acknowledged, and transactions that end at or before the recorded `lsn` are skipped,
 their positions being already durable; events positioned but perhaps never published (a crash
@@ -289,11 +295,12 @@ async def position(
         for change in txn.access:
             next_seq += 1
             changes.append((change, next_seq, txn))
+        committed_at = txn.committed_at
         for row_id in txn.outbox_ids:
             next_seq += 1
             ids.append(row_id)
             seqs.append(next_seq)
-            times.append(txn.committed_at)
+            times.append(committed_at)
             owner[row_id] = txn
     lsn = txns[-1].end_lsn
     record = (name, published, next_seq, lsn)
@@ -404,6 +411,8 @@ class WalIngest:
         self.dead_letters = 0
         self._stream = ReplicationStream(dsn, slot, (OUTBOX_PUBLICATION, ACCESS_PUBLICATION))
         self._reader = TransactionReader()
+        self._ahead: list[Transaction] = []  # read while the previous group was positioned
+        self._publishing: asyncio.Future[None] | None = None
 
     async def start(self, conn: PgConnection) -> None:
         """Open the slot's stream (creating the slot and bootstrapping when it is missing or
@@ -441,18 +450,36 @@ class WalIngest:
         )
 
     async def step(self, conn: PgConnection, wait_s: float) -> int:
-        """Read what the slot sent (waiting up to `wait_s` seconds for the first message),
-        position the whole transactions, publish them, acknowledge. Returns the events and
-        malformed rows handled (0 when nothing came). Events positioned by an earlier step
-        whose publish failed are published first, from Postgres."""
-        if self.position < self.assigned:
+        """Position the next group of whole transactions and hand it to the bus; returns the
+        events and malformed rows positioned (0 when nothing came within `wait_s` seconds).
+
+        The stages overlap (module docstring, "Pipeline"): while Postgres positions this
+        group, the messages that arrived meanwhile are read and decoded; the group is
+        published once the previous group's publish (started by the previous step) is done,
+        and acknowledged after its own. The publish may still run when the step returns;
+        `flush()` waits for it. `conn` is free again when the step returns. Raises what
+        asyncpg, psycopg2 or `bus.publish` raise (a failed publish surfaces at the next
+        step); the caller then closes this ingest and starts a new one, which publishes
+        again what was positioned (`start`).
+        """
+        if self._publishing is None and self.position < self.assigned:
             await self._republish(conn)
-        messages = await self._stream.read(wait_s, self.read_limit)
-        fed = self._reader.feed(messages)
-        txns = [t for t in fed if t.end_lsn > self.lsn]
+        txns, self._ahead = self._ahead, []
         if not txns:
+            txns = await self._read(0.0 if self._publishing else wait_s)
+        if not txns:
+            await self.flush()
             return 0
-        done = await position(conn, self.name, txns, self.assigned, self.position)
+        positioning = asyncio.ensure_future(
+            position(conn, self.name, txns, self.assigned, self.position)
+        )
+        try:
+            self._ahead = await self._read_while(positioning)
+        except BaseException:
+            positioning.cancel()
+            await asyncio.gather(positioning, return_exceptions=True)
+            raise
+        done = await positioning
         self.assigned, self.lsn = done.assigned, done.lsn
         if done.malformed:
             for item in done.malformed:
@@ -464,14 +491,58 @@ class WalIngest:
                 )
             self.dead_letters += len(done.malformed)
             metrics.DEAD_LETTERS.inc(len(done.malformed))
-        await self._publish(done.events)
-        self.position = self.assigned
-        self._stream.acknowledge(self.lsn)
+        await self.flush()
+        self._publishing = asyncio.ensure_future(self._publish_group(done))
         return len(done.events) + len(done.malformed)
 
+    async def flush(self) -> None:
+        """Wait for the publish a step left running (if any) and its acknowledgement; raises
+        what `bus.publish` raised."""
+        publishing, self._publishing = self._publishing, None
+        if publishing is not None:
+            await publishing
+
     def close(self) -> None:
-        """Close the replication connection (never raises)."""
+        """Close the replication connection and cancel a publish in progress (never raises;
+        what was positioned and not published is published by the next `start`)."""
+        publishing, self._publishing = self._publishing, None
+        if publishing is not None:
+            if publishing.done() and not publishing.cancelled():
+                publishing.exception()  # retrieved: the failure was logged by the caller
+            publishing.cancel()
         self._stream.close()
+
+    async def _read(self, wait_s: float) -> list[Transaction]:
+        """The whole transactions in what the slot sent, waiting up to `wait_s` seconds for
+        the first message."""
+        return self._decode(await self._stream.read(wait_s, self.read_limit))
+
+    def _decode(self, messages: list[bytes]) -> list[Transaction]:
+        """The whole transactions `messages` complete, less those already recorded."""
+        return [t for t in self._reader.feed(messages) if t.end_lsn > self.lsn]
+
+    async def _read_while(self, busy: "asyncio.Future[Any]") -> list[Transaction]:
+        """Read and decode what the slot sends until `busy` is done or `read_limit` messages
+        came, so the server keeps streaming while Postgres positions the previous group."""
+        txns: list[Transaction] = []
+        count = 0
+        while not busy.done() and count < self.read_limit:
+            messages = await self._stream.read(0.0, self.read_limit - count)
+            if messages:
+                count += len(messages)
+                txns += self._decode(messages)
+                continue
+            readable = asyncio.ensure_future(self._stream.readable())
+            try:
+                await asyncio.wait((busy, readable), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                readable.cancel()
+        return txns
+
+    async def _publish_group(self, done: Positioned) -> None:
+        await self._publish(done.events)
+        self.position = done.assigned
+        self._stream.acknowledge(done.lsn)
 
     async def _publish(self, events: list[Event]) -> None:
         if events:
