@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint format bench bench-quick bench-latency bench-writers chaos clean
+.PHONY: install demo test lint chromium format bench bench-quick bench-latency bench-writers chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,21 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check core sync gateway tests bench
 	$(BIN)/mypy core sync gateway
 
-# Every test in wal ingest mode (the default), then the trigger-mode suite: the tests of its
-# own relay and schema, and the end-to-end guarantees again (tests/conftest.py).
+# The browser client's Node unit tests; every test in wal ingest mode (the default), browser
+# tests (tests/browser, Debian's /usr/bin/chromium) included; then the trigger-mode suite: the
+# tests of its own relay and schema, and the end-to-end guarantees again (tests/conftest.py).
 TRIGGER_SUITE := tests/integration tests/e2e/test_access_property.py tests/e2e/test_faults.py \
 	tests/e2e/test_stream.py tests/e2e/test_must_refetch.py
 
-test: lint
+# The browser tests drive Debian's Chromium, never a downloaded one: installed when missing.
+chromium:
+	@[ -x /usr/bin/chromium ] || { \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+test: lint chromium
+	node --test client/test/
 	USERSTREAM_PROPERTY_EXAMPLES=100 $(BIN)/pytest
 	USERSTREAM_TEST_INGEST=trigger USERSTREAM_PROPERTY_EXAMPLES=100 $(BIN)/pytest $(TRIGGER_SUITE)
 

@@ -1,7 +1,8 @@
 """The ASGI application: `create_app(settings)` builds everything; nothing runs at import.
 
 Routes: `GET /me/stream` (PROTOCOL.md §3), `GET /healthz`, `GET /readyz`, `GET /metrics`,
-`GET /admin/status` (`gateway.admin`), `POST /publish` (`gateway.publish`), and in demo mode
+`GET /admin/status` (`gateway.admin`), `POST /publish` (`gateway.publish`),
+`GET /client/userstream.js` (PROTOCOL.md §6, `gateway.client_script`), and in demo mode
 `/demo` with its helpers.
 `app_from_env()` is the factory uvicorn imports in worker processes.
 """
@@ -17,6 +18,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.admin import admin_status, metrics, serve_metrics
+from gateway.client_script import client_script_routes
 from gateway.demo_page import demo_routes
 from gateway.health import healthz, readyz
 from gateway.logs import configure_logging
@@ -47,6 +49,7 @@ def create_app(settings: Settings) -> "Gateway":
         Route("/metrics", metrics),
         Route("/admin/status", admin_status),
         Route("/publish", publish_events, methods=["POST"]),
+        *client_script_routes(),
     ]
     if settings.demo:
         routes += demo_routes()

@@ -1,4 +1,4 @@
-"""Routes of demo mode only: the `/demo` page, its user list, and a token helper.
+"""Routes of demo mode only: the `/demo` page, its user list, a token helper and a prefetch.
 
 `/demo/token` signs a token for any user without a password: it exists only when the
 `demo` setting is on (`userstream demo` sets it) and must never be enabled in production.
@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from core.cursors import current_cursor
 from gateway.problems import problem
 from gateway.runtime import Runtime
 
@@ -64,10 +65,24 @@ async def demo_token(request: Request) -> Response:
     return JSONResponse({"token": runtime.auth.mint(user_id, DEMO_TOKEN_TTL_S)})
 
 
+async def demo_prefetch(request: Request) -> Response:
+    """`{"cursor": ..., "data": null}`: the `bootstrap()` of the page's `UserStream`
+    (PROTOCOL.md §6). The page shows only changes from now on, so it loads no data: the cursor
+    is `current_cursor`, read in a REPEATABLE READ transaction as a real prefetch would."""
+    runtime: Runtime = request.app.state.runtime
+    async with (
+        runtime.pool.acquire() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        cursor = await current_cursor(conn)
+    return JSONResponse({"cursor": cursor, "data": None})
+
+
 def demo_routes() -> list[BaseRoute]:
     """The demo routes, to add to the app only in demo mode."""
     return [
         Route("/demo", demo_page),
         Route("/demo/users", demo_users),
         Route("/demo/token", demo_token),
+        Route("/demo/prefetch", demo_prefetch),
     ]
