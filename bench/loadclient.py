@@ -9,7 +9,8 @@ What sseload measures (bench/client/sseload.c has the details): connect time fro
 the ready marker; then, over the measure phase, SSE events received per second and the latency
 `receive time - ts` of every event whose data carries `"ts":<ns since the epoch>` (the payload
 `bench.targets.payload()` builds). Latencies are kept in a log-linear histogram (at most 0.4 %
-error from 1 us to 100 s).
+error from 1 us to 100 s). `event: ephemeral` frames (PROTOCOL.md §5) count as events and also on
+their own; `event: presence` frames are not events: they are counted apart (`PresenceStats`).
 """
 
 import asyncio
@@ -28,7 +29,9 @@ CLIENT_DIR = Path(__file__).resolve().parent / "client"
 
 log = logging.getLogger(__name__)
 
-_SUMMED = ("connections", "ready", "failed", "events", "bytes", "close_events")
+_SUMMED = (
+    "connections", "ready", "failed", "events", "bytes", "close_events", "ephemeral_events"
+)  # fmt: skip
 """Result fields a split run sums over its processes."""
 
 
@@ -63,6 +66,38 @@ class ClosedByServer:
 
 
 @dataclass(frozen=True)
+class PresenceStats:
+    """`event: presence` frames (PROTOCOL.md §5) received in the counted window: `events`
+    frames carrying `data_bytes` bytes of data (the JSON; the frame's `event:`/`data:` lines and
+    blank line add 24 bytes each on the wire), on `connections` connections, at most
+    `max_per_connection` on one; `min_gap_ms`: the shortest time between two frames on the same
+    connection (None when no connection had two). `run_events` and `run_data_bytes` count the
+    frames of the whole run, connect phase included."""
+
+    events: int
+    data_bytes: int
+    connections: int
+    max_per_connection: int
+    run_events: int
+    run_data_bytes: int
+    min_gap_ms: float | None
+
+    @classmethod
+    def merged(cls, parts: Sequence["PresenceStats"]) -> "PresenceStats":
+        """Several processes' figures as one: sums, the largest maximum, the shortest gap."""
+        gaps = [p.min_gap_ms for p in parts if p.min_gap_ms is not None]
+        return cls(
+            events=sum(p.events for p in parts),
+            data_bytes=sum(p.data_bytes for p in parts),
+            connections=sum(p.connections for p in parts),
+            max_per_connection=max((p.max_per_connection for p in parts), default=0),
+            run_events=sum(p.run_events for p in parts),
+            run_data_bytes=sum(p.run_data_bytes for p in parts),
+            min_gap_ms=min(gaps) if gaps else None,
+        )
+
+
+@dataclass(frozen=True)
 class LoadResult:
     """One load run, mirroring sseload's JSON output.
 
@@ -70,6 +105,8 @@ class LoadResult:
     once every connection is ready or failed) minus its warm-up, `measure_s` seconds long;
     `deliveries_per_s` = events / measure_s (for a split run, the sum over processes).
     `close_events` (`event: close` frames) and `closed_by_server` cover the whole run.
+    `ephemeral_events`: those of `events` that were `event: ephemeral` frames; `presence`:
+    the `event: presence` frames, which are not in `events`.
     `errors` counts failures by kind, e.g. `connect_ECONNREFUSED`, `http_401`,
     `connect_timeout`, `eof_before_ready`, `read_ETIMEDOUT`, `bad_chunk`.
     """
@@ -86,6 +123,8 @@ class LoadResult:
     closed_by_server: ClosedByServer
     close_events: int
     errors: dict[str, int]
+    ephemeral_events: int
+    presence: PresenceStats
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "LoadResult":
@@ -103,6 +142,8 @@ class LoadResult:
             closed_by_server=ClosedByServer(**obj["closed_by_server"]),
             close_events=int(obj["close_events"]),
             errors={str(k): int(v) for k, v in obj["errors"].items()},
+            ephemeral_events=int(obj["ephemeral_events"]),
+            presence=PresenceStats(**obj["presence"]),
         )
 
 
@@ -376,4 +417,6 @@ def merge_results(runs: Sequence[tuple[dict[str, Any], dict[str, Any] | None]]) 
         ),
         close_events=total["close_events"],
         errors=errors,
+        ephemeral_events=total["ephemeral_events"],
+        presence=PresenceStats.merged([PresenceStats(**r["presence"]) for r in results]),
     )

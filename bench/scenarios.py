@@ -18,10 +18,10 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bench import loadclient
 from bench.loadclient import LoadResult
@@ -77,6 +77,17 @@ class Sizes:
     scale_rates: tuple[int, ...]
     quiet_s: float
     connect_timeout_s: float
+    storm_rounds: int
+    signals_users: int
+    signals_readers: int
+    signals_rates: tuple[int, ...]
+    signals_warmup_s: float
+    signals_s: float
+    signals_body_bytes: int
+    reconnect_users: int
+    presence_interval_s: float
+    presence_grace_s: float
+    presence_window_s: float
 
 
 FULL = Sizes(
@@ -103,6 +114,17 @@ FULL = Sizes(
     scale_rates=(25, 50, 100, 200, 400),
     quiet_s=10.0,
     connect_timeout_s=20.0,
+    storm_rounds=2,
+    signals_users=10_000,
+    signals_readers=2000,
+    signals_rates=(1000, 100, 20),
+    signals_warmup_s=4.0,
+    signals_s=10.0,
+    signals_body_bytes=64,
+    reconnect_users=1000,
+    presence_interval_s=1.0,
+    presence_grace_s=10.0,
+    presence_window_s=6.0,
 )
 QUICK = Sizes(
     ceiling_connections=200,
@@ -128,15 +150,39 @@ QUICK = Sizes(
     scale_rates=(100,),
     quiet_s=2.0,
     connect_timeout_s=10.0,
+    storm_rounds=2,
+    signals_users=500,
+    signals_readers=100,
+    signals_rates=(200, 50),
+    signals_warmup_s=2.5,
+    signals_s=2.0,
+    signals_body_bytes=64,
+    reconnect_users=50,
+    presence_interval_s=1.0,
+    presence_grace_s=2.0,
+    presence_window_s=3.0,
 )
+
+
+class MakeTarget(Protocol):
+    """`make_target(name, env=..., private_readers=...)`: a new, not started target (raises
+    on an unknown or unavailable one, and on options the target does not take). `env`: further
+    environment of the target's processes (userstream settings, e.g. `USERSTREAM_PRESENCE`);
+    `private_readers`: members of userstream's private stream `s2`."""
+
+    def __call__(
+        self, name: str, *, env: Mapping[str, str] | None = None, private_readers: int = 0
+    ) -> Target:
+        """The target `name`, not started."""
+        ...
 
 
 @dataclass
 class Context:
     """What every scenario shares: sizes, pinning, the target factory and earlier findings.
 
-    `make_target(name)` builds a not yet started target (raises on an unknown or unavailable
-    one); `ceiling_per_s` is the client's max sustained deliveries/s once `ceiling` ran.
+    `make_target(name, ...)` builds a not yet started target (`MakeTarget`); `ceiling_per_s`
+    is the client's max sustained deliveries/s once `ceiling` ran.
     `idle_workers`/`client_processes`/`source_ips` serve large idle runs (50k connections).
     """
 
@@ -144,7 +190,7 @@ class Context:
     server_cpu: str
     client_cpu: str
     targets: list[str]
-    make_target: Callable[[str], Target]
+    make_target: MakeTarget
     idle_connections: tuple[int, ...]
     idle_workers: int = 1
     client_processes: int = 1
@@ -311,13 +357,16 @@ async def run_client(
 class RateDriver:
     """Publishes `rate` events/s through `target.publish`, the events due every 10 ms in one
     call, each body `payload(200)` with `ts` taken just before the call. Targeted events go to
-    users 0, 1, 2, ... in turn. `sent`, `elapsed_s`, `max_call_ms` and `error` describe the run."""
+    users 0, 1, 2, ... in turn. `send`, when given, is called with the tick's `(user, body)`
+    pairs instead of `target.publish` (e.g. userstream's `send_signals`). `sent`, `elapsed_s`,
+    `max_call_ms` and `error` describe the run."""
 
     target: Target
     scope: Scope
     rate: float
     users: int
     body_bytes: int = BODY_BYTES
+    send: Callable[[list[tuple[int, bytes]]], Awaitable[None]] | None = None
     sent: int = 0
     elapsed_s: float = 0.0
     max_call_ms: float = 0.0
@@ -335,7 +384,10 @@ class RateDriver:
                 body = payload(self.body_bytes, time.time_ns())
                 bodies = [((first + k) % self.users, body) for k in range(due)]
                 try:
-                    await self.target.publish(self.scope, bodies)
+                    if self.send is not None:
+                        await self.send(bodies)
+                    else:
+                        await self.target.publish(self.scope, bodies)
                 except Exception as exc:
                     self.error = f"publish: {type(exc).__name__}: {exc}"
                     break
@@ -447,12 +499,17 @@ def judge(row: Row, expected_per_s: float) -> str:
 
 @dataclass(frozen=True)
 class Setup:
-    """How to start a target for a scenario."""
+    """How to start a target for a scenario: `users` and `scope` as `Target.start` takes them,
+    `workers` gateway processes pinned to `cpu` (None: the server cpu); `env` and
+    `private_readers` go to `make_target` (userstream only: further settings of its processes,
+    members of its private stream `s2`)."""
 
     users: int
     scope: Scope
     workers: int = 1
     cpu: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    private_readers: int = 0
 
 
 async def on_target(
@@ -463,7 +520,10 @@ async def on_target(
 ) -> list[Row]:
     """Start target `name`, run `body` on it, stop it; any failure becomes an error row."""
     try:
-        target = ctx.make_target(name)
+        if setup.env or setup.private_readers:
+            target = ctx.make_target(name, env=setup.env, private_readers=setup.private_readers)
+        else:
+            target = ctx.make_target(name)
         await target.start(
             cpu=setup.cpu or ctx.server_cpu,
             users=setup.users,
@@ -824,6 +884,41 @@ STORM_COLUMNS = [
 ]
 
 
+async def storm_run(ctx: Context, target: Target, n: int, concurrency: int) -> Row:
+    """`n` connects to a started `target` as fast as they come (`concurrency` in flight),
+    held 0.5 s once all are ready: the load client's figures (`load_row`), server CPU per
+    connect (`server_cpu_ms_per_conn`, ms), peak RSS (MiB) and the `event: presence` frames
+    the client received over the whole run (`presence_frames`, their data in `presence_mib`)."""
+    host, port = target.host_port()
+    paths = target.paths(n, "broadcast")
+    cpu0 = cpu_seconds(target.server_pids())
+    stop = asyncio.Event()
+    watch = ServerWatch(target)
+    sampler = asyncio.create_task(watch.run(stop))
+    try:
+        result = await run_client(
+            ctx, host, port, paths, target.ready_marker, concurrency=concurrency, duration_s=0.5
+        )
+    finally:
+        stop.set()
+        await sampler
+    row = load_row(result)
+    row["server_cpu_ms_per_conn"] = (cpu_seconds(target.server_pids()) - cpu0) / n * 1e3
+    row["peak_rss_mib"] = watch.peak_rss / MIB
+    row["presence_frames"] = result.presence.run_events
+    row["presence_mib"] = result.presence.run_data_bytes / MIB
+    return row
+
+
+def storm_note(concurrency: int) -> str:
+    """What a connect storm's figures mean (both storm scenarios print it)."""
+    return (
+        f"concurrency {concurrency}: connects in flight; ready = the target's"
+        " ready marker arrived (userstream `event: offset`; others their first frame); server"
+        " CPU per connection includes the TLS-free HTTP request, auth and subscription"
+    )
+
+
 async def connect_storm(ctx: Context) -> Report:
     """`storm_connections` connects as fast as they come (`storm_concurrency` in flight):
     connects/s and time to ready (userstream: `event: offset`, the user's access loaded)."""
@@ -833,31 +928,10 @@ async def connect_storm(ctx: Context) -> Report:
     for name in ctx.targets:
 
         async def body(target: Target) -> list[Row]:
-            host, port = target.host_port()
-            paths = target.paths(n, "broadcast")
-            cpu0 = cpu_seconds(target.server_pids())
-            stop = asyncio.Event()
-            watch = ServerWatch(target)
-            sampler = asyncio.create_task(watch.run(stop))
-            try:
-                result = await run_client(
-                    ctx, host, port, paths, target.ready_marker,
-                    concurrency=sizes.storm_concurrency, duration_s=0.5,
-                )  # fmt: skip
-            finally:
-                stop.set()
-                await sampler
-            row = load_row(result)
-            row["server_cpu_ms_per_conn"] = (cpu_seconds(target.server_pids()) - cpu0) / n * 1e3
-            row["peak_rss_mib"] = watch.peak_rss / MIB
-            return [row]
+            return [await storm_run(ctx, target, n, sizes.storm_concurrency)]
 
         report.rows += await on_target(ctx, name, Setup(n, "broadcast"), body)
-    report.notes.append(
-        f"concurrency {sizes.storm_concurrency}: connects in flight; ready = the target's"
-        " ready marker arrived (userstream `event: offset`; others their first frame); server"
-        " CPU per connection includes the TLS-free HTTP request, auth and subscription"
-    )
+    report.notes.append(storm_note(sizes.storm_concurrency))
     return report
 
 

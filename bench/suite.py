@@ -9,8 +9,10 @@ Scenarios (default: all, in this order): `ceiling` (the load client's own limit 
 trivial C server `bench/client/sseserve`), `idle` (RSS per connection, CPU at rest), `broadcast`
 (one channel, rising rates until a target falls behind), `targeted` (one channel per user),
 `connect-storm` (connects/s, time to ready), `slow` (5 % slow consumers), `scale` (userstream
-with 2 gateway workers against 1). `--quick` shrinks every size for a smoke run (< 1 min of
-measuring); the default run takes about 10 minutes.
+with 2 gateway workers against 1), `presence-storm` (the connect storm with presence off and
+on) and `signals` (ephemeral signals into one stream, then a reconnect counting presence
+frames), both userstream only (bench/ephemeral.py). `--quick` shrinks every size for a smoke
+run (about 1 min of measuring); the default run takes about 13 minutes.
 
 Ingest mode (`--ingest`, default wal; core/schema/ingest.py): the userstream target's database
 is put in that mode. With wal, every target runs against a Postgres 16 with logical decoding
@@ -37,18 +39,17 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import loadclient
+from bench import ephemeral, loadclient, scenarios
 from bench.database import durable_logical_server
 from bench.scenarios import (
     FULL,
     IDLE_COLUMNS,
     LADDER_COLUMNS,
     QUICK,
-    SCENARIOS,
     SLOW_COLUMNS,
     STORM_COLUMNS,
     TARGETED_COLUMNS,
@@ -62,6 +63,8 @@ from core.schema.ingest import MODES, Mode
 from tests.services import PgServer, postgres_server, redis_server
 
 TARGETS = ("userstream", "nchan", "plain")
+SCENARIOS = {**scenarios.SCENARIOS, **ephemeral.SCENARIOS}
+"""Every scenario by name, in the default order."""
 CLASSES = {"nchan": "NchanTarget", "plain": "PlainTarget"}
 
 
@@ -72,17 +75,24 @@ def target_factory(
     source: Path | None = None,
     ingest: Mode = "wal",
 ) -> Any:
-    """`make_target(name)`: a new, not started target (userstream's database in ingest mode
-    `ingest`). The baselines are imported when first asked for, so a missing one fails only
-    its own rows (ImportError, AttributeError)."""
+    """`make_target(name, env=..., private_readers=...)`: a new, not started target
+    (userstream's database in ingest mode `ingest`; `env`: further settings of its processes,
+    `private_readers`: members of its private stream, `UserstreamTarget`). The baselines are
+    imported when first asked for, so a missing one fails only its own rows (ImportError,
+    AttributeError); they take neither option (ValueError when one is given)."""
 
-    def make_target(name: str) -> Target:
+    def make_target(
+        name: str, *, env: Mapping[str, str] | None = None, private_readers: int = 0
+    ) -> Target:
         if name == "userstream":
             return UserstreamTarget(
-                pg, redis_url, relay_cpu=relay_cpu, source=source, ingest=ingest
-            )
+                pg, redis_url, relay_cpu=relay_cpu, source=source, ingest=ingest,
+                env=dict(env or {}), private_readers=private_readers,
+            )  # fmt: skip
         if name not in CLASSES:
             raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+        if env or private_readers:
+            raise ValueError(f"target {name!r} takes no env or private_readers (userstream only)")
         cls = getattr(importlib.import_module(f"bench.targets.{name}"), CLASSES[name])
         offered = {"redis_url": redis_url, "pg": pg}
         accepted = inspect.signature(cls).parameters
@@ -131,6 +141,7 @@ COLUMNS = {
     "connect-storm": STORM_COLUMNS,
     "slow": SLOW_COLUMNS,
     "scale": [("workers", "workers"), *LADDER_COLUMNS],
+    **ephemeral.COLUMNS,
 }
 """Each scenario's columns, as it prints them."""
 

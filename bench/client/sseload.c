@@ -13,7 +13,10 @@
  * settled as ready or failed within --connect-timeout), then measure (--duration s, the first
  * --warmup s of which are not counted). Events, bytes and latencies count only inside the
  * counted window; `event: close` frames and server-side closes count over the whole run.
- * The result is one JSON object on stdout; progress lines go to stderr.
+ * `event: ephemeral` frames (PROTOCOL.md §5) are events like any other and are also counted on
+ * their own; `event: presence` frames are not events: they are counted apart (frames, data
+ * bytes, frames per connection, the shortest gap between two on one connection), without
+ * latency. The result is one JSON object on stdout; progress lines go to stderr.
  *
  * One read buffer is shared by all connections and parsed in place; per connection only the
  * parser states (chunk framing, SSE line, `"ts":` match) are kept, in a small struct.
@@ -67,14 +70,20 @@ enum { TS_SPACE = 5, TS_DIGITS = 6, TS_FOUND = 7 };
 #define CF_SLOW 0x04u   /* stops reading once ready */
 #define EV_DATA 0x01u   /* the event has a data field */
 #define EV_CLOSE 0x02u  /* its event type is "close" */
-#define EV_NAME_MISS 0xffu
+#define EV_EPHEMERAL 0x04u /* its event type is "ephemeral" */
+#define EV_PRESENCE 0x08u  /* its event type is "presence" */
+#define EV_NAME_BYTES 9    /* longest event type told apart: "ephemeral" */
 
 struct conn {
     int fd;
     uint8_t state, flags, body_mode, chunk_state;
     uint8_t sse_state, field, name_len, ts_state;
-    uint8_t ts_digits, ev_flags, ev_match, chunk_digits;
+    uint8_t ts_digits, ev_flags, ev_len, chunk_digits;
     char name[6];
+    char ev_name[EV_NAME_BYTES]; /* the event type's first bytes; ev_len counts to 255 */
+    uint32_t ev_data_bytes;      /* bytes of the event's data so far (lines joined by LF) */
+    uint32_t presence;           /* presence frames in the counted window */
+    int64_t presence_last_ns;    /* CLOCK_MONOTONIC of the last one counted, 0 = none */
     uint16_t marker_pos; /* bytes of the ready marker matched so far */
     uint32_t sent;       /* request bytes written */
     uint32_t path;       /* index into the request table */
@@ -128,6 +137,9 @@ static struct {
 
     uint64_t events, bytes, close_events, closed_healthy, closed_slow, negative;
     uint64_t interval_events;
+    uint64_t ephemeral_events, presence_events, presence_bytes, interval_presence;
+    uint64_t presence_run_events, presence_run_bytes; /* over the whole run */
+    int64_t presence_min_gap_ns; /* shortest gap between presence frames on one connection */
     struct hist latency, interval_latency, connect;
     struct error_kind errors[MAX_ERROR_KINDS];
     int n_errors;
@@ -400,14 +412,37 @@ static void conn_stall(struct conn *c)
 
 /* ---- SSE parsing (WHATWG HTML 9.2.6) ------------------------------------------------------ */
 
+/* A presence frame: counted over the whole run and, in the counted window, per connection
+ * with the gap since the connection's last one. */
+static void presence_dispatch(struct conn *c)
+{
+    g.interval_presence++;
+    g.presence_run_events++;
+    g.presence_run_bytes += c->ev_data_bytes;
+    if (!g.counting)
+        return;
+    int64_t now = now_ns(CLOCK_MONOTONIC);
+    if (c->presence_last_ns != 0 && now - c->presence_last_ns < g.presence_min_gap_ns)
+        g.presence_min_gap_ns = now - c->presence_last_ns;
+    c->presence_last_ns = now;
+    c->presence++;
+    g.presence_events++;
+    g.presence_bytes += c->ev_data_bytes;
+}
+
 static void sse_dispatch(struct conn *c, int64_t recv_ns)
 {
     if (c->ev_flags & EV_CLOSE)
         g.close_events++;
-    if (c->ev_flags & EV_DATA) {
+    if ((c->ev_flags & (EV_DATA | EV_PRESENCE)) == (EV_DATA | EV_PRESENCE)) {
+        presence_dispatch(c);
+    } else if (c->ev_flags & EV_DATA) {
         g.interval_events++;
-        if (g.counting)
+        if (g.counting) {
             g.events++;
+            if (c->ev_flags & EV_EPHEMERAL)
+                g.ephemeral_events++;
+        }
         if (c->ts_state == TS_FOUND) {
             int64_t lat = recv_ns - (int64_t)c->ts;
             if (lat < 0) {
@@ -421,6 +456,7 @@ static void sse_dispatch(struct conn *c, int64_t recv_ns)
     }
     c->ev_flags = 0;
     c->ts_state = 0;
+    c->ev_data_bytes = 0;
 }
 
 /* Field name complete (at ':' or end of line). */
@@ -428,13 +464,15 @@ static void sse_field_start(struct conn *c)
 {
     if (c->name_len == 4 && memcmp(c->name, "data", 4) == 0) {
         c->field = F_DATA;
+        if (c->ev_flags & EV_DATA)
+            c->ev_data_bytes++; /* the LF that joins data lines */
         c->ev_flags |= EV_DATA;
         if (c->ts_state != TS_FOUND)
             c->ts_state = 0;
     } else if (c->name_len == 5 && memcmp(c->name, "event", 5) == 0) {
         c->field = F_EVENT;
-        c->ev_match = 0;
-        c->ev_flags &= (uint8_t)~EV_CLOSE;
+        c->ev_len = 0;
+        c->ev_flags &= (uint8_t) ~(EV_CLOSE | EV_EPHEMERAL | EV_PRESENCE);
     } else {
         c->field = F_OTHER;
     }
@@ -443,8 +481,12 @@ static void sse_field_start(struct conn *c)
 static void sse_field_end(struct conn *c)
 {
     if (c->field == F_EVENT) {
-        if (c->ev_match == 5)
+        if (c->ev_len == 5 && memcmp(c->ev_name, "close", 5) == 0)
             c->ev_flags |= EV_CLOSE;
+        else if (c->ev_len == 9 && memcmp(c->ev_name, "ephemeral", 9) == 0)
+            c->ev_flags |= EV_EPHEMERAL;
+        else if (c->ev_len == 8 && memcmp(c->ev_name, "presence", 8) == 0)
+            c->ev_flags |= EV_PRESENCE;
     } else if (c->field == F_DATA && c->ts_state != TS_FOUND) {
         c->ts_state = (c->ts_state == TS_DIGITS && c->ts_digits > 0) ? TS_FOUND : 0;
     }
@@ -502,13 +544,14 @@ static void ts_scan(struct conn *c, const char *p, const char *end)
 static void sse_value(struct conn *c, const char *p, const char *end)
 {
     if (c->field == F_DATA) {
+        c->ev_data_bytes += (uint32_t)(end - p);
         ts_scan(c, p, end);
     } else if (c->field == F_EVENT) {
-        static const char close_name[] = "close";
-        for (; p < end && c->ev_match != EV_NAME_MISS; p++)
-            c->ev_match = (c->ev_match < 5 && *p == close_name[c->ev_match])
-                              ? (uint8_t)(c->ev_match + 1)
-                              : EV_NAME_MISS;
+        unsigned len = c->ev_len; /* a local: stores through c could alias *p */
+        for (; p < end && len < 255; p++, len++)
+            if (len < EV_NAME_BYTES)
+                c->ev_name[len] = *p;
+        c->ev_len = (uint8_t)len;
     }
 }
 
@@ -949,12 +992,14 @@ static void progress(int64_t now, double interval_s)
     const char *phase = !g.measuring ? "connect" : g.counting ? "measure" : "warmup";
     fprintf(stderr,
             "sseload t=%.1fs phase=%s started=%ld ready=%ld failed=%ld open=%ld events/s=%.0f "
-            "p99_ms=%.3f p99_total_ms=%.3f closed_by_server=%llu\n",
+            "p99_ms=%.3f p99_total_ms=%.3f closed_by_server=%llu presence=%llu\n",
             (double)(now - g.t0_ns) / 1e9, phase, g.started, g.ready, g.failed, g.open,
             interval_s > 0 ? (double)g.interval_events / interval_s : 0.0,
             hist_quantile(&g.interval_latency, 9900) / 1e6, hist_quantile(&g.latency, 9900) / 1e6,
-            (unsigned long long)(g.closed_healthy + g.closed_slow));
+            (unsigned long long)(g.closed_healthy + g.closed_slow),
+            (unsigned long long)g.interval_presence);
     g.interval_events = 0;
+    g.interval_presence = 0;
     hist_reset(&g.interval_latency);
 }
 
@@ -1051,6 +1096,24 @@ static void print_result(void)
     printf("\"bytes\":%llu,\"closed_by_server\":{\"healthy\":%llu,\"slow\":%llu},",
            (unsigned long long)g.bytes, (unsigned long long)g.closed_healthy,
            (unsigned long long)g.closed_slow);
+    uint64_t presence_conns = 0, presence_max = 0;
+    for (long i = 0; i < g.started; i++) {
+        if (g.conns[i].presence > 0)
+            presence_conns++;
+        if (g.conns[i].presence > presence_max)
+            presence_max = g.conns[i].presence;
+    }
+    printf("\"ephemeral_events\":%llu,\"presence\":{\"events\":%llu,\"data_bytes\":%llu,"
+           "\"connections\":%llu,\"max_per_connection\":%llu,\"run_events\":%llu,"
+           "\"run_data_bytes\":%llu,\"min_gap_ms\":",
+           (unsigned long long)g.ephemeral_events, (unsigned long long)g.presence_events,
+           (unsigned long long)g.presence_bytes, (unsigned long long)presence_conns,
+           (unsigned long long)presence_max, (unsigned long long)g.presence_run_events,
+           (unsigned long long)g.presence_run_bytes);
+    if (g.presence_min_gap_ns == INT64_MAX)
+        printf("null},");
+    else
+        printf("%.3f},", (double)g.presence_min_gap_ns / 1e6);
     printf("\"close_events\":%llu,\"errors\":{", (unsigned long long)g.close_events);
     int first = 1;
     if (g.negative) {
@@ -1332,6 +1395,7 @@ int main(int argc, char **argv)
     sigaction(SIGTERM, &sa, NULL);
     g.conns = calloc((size_t)g.o.connections, sizeof *g.conns);
     g.rbuf = malloc(READ_BUF_BYTES);
+    g.presence_min_gap_ns = INT64_MAX;
     g.epfd = epoll_create1(EPOLL_CLOEXEC);
     if (g.conns == NULL || g.rbuf == NULL || g.epfd < 0) {
         perror("sseload: setup");

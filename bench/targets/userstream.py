@@ -14,6 +14,11 @@ receives (PROTOCOL.md §2 rule 2, public stream); targeted events are `notificat
 with `user_id` `u<i>`, which only that user receives (rule 1). The event's `data` is the
 payload JSON as given (`orjson.Fragment`, not re-encoded by the SDK; Postgres stores it as
 `jsonb`, which adds a space after `:` and `,`).
+
+With `private_readers` = k > 0 the database also holds a private stream `s2` whose members are
+`u0..u{k-1}` (PROTOCOL.md §2 rule 3: only they read it). `send_signals` sends ephemeral signals
+(PROTOCOL.md §5) into it through `POST /publish` with `"ephemeral": true` (the target sets
+`USERSTREAM_PUBLISH_TOKEN`); nothing reaches the outbox.
 """
 
 import asyncio
@@ -42,6 +47,10 @@ from core.schema.migrations import migrate
 from tests.services import PgServer, free_port
 
 JWT_SECRET = "bench-secret-that-is-long-enough-for-hs256"
+PUBLISH_TOKEN = "bench-publish-token"
+"""`USERSTREAM_PUBLISH_TOKEN` of the target: `POST /publish` is on."""
+SIGNAL_TYPE = "typing"
+"""The `type` of every signal `send_signals` sends."""
 TOKEN_TTL_S = 7 * 86_400
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
@@ -56,7 +65,8 @@ class UserstreamTarget:
     keep-alive interval (`USERSTREAM_KEEPALIVE_S`, None: the default 15 s); `env`: further
     settings for both processes; `source`: run `gateway.cli` from this checkout of the project
     (a `git worktree` of another commit, to compare versions; None: this one); `ingest`: the
-    database's ingest mode, set after the migrations. Raises RuntimeError from `start` when a
+    database's ingest mode, set after the migrations; `private_readers`: members of the private
+    stream `s2` (`u0..u{k-1}`; 0: no such stream). Raises RuntimeError from `start` when a
     process does not come up (or `ingest` is wal on a server without logical decoding).
     """
 
@@ -73,8 +83,10 @@ class UserstreamTarget:
         env: dict[str, str] | None = None,
         source: Path | None = None,
         ingest: Mode = "wal",
+        private_readers: int = 0,
     ) -> None:
         self.pg = pg
+        self.private_readers = private_readers
         self.ingest = ingest
         self.redis_url = redis_url
         self.relay_cpu = relay_cpu
@@ -91,6 +103,7 @@ class UserstreamTarget:
         self._conn: asyncpg.Connection | None = None
         self._created = False
         self._sequence = 0
+        self._http: httpx.AsyncClient | None = None
 
     def env(self) -> dict[str, str]:
         """The environment of `serve` and `relay`: this process's, plus the target's settings."""
@@ -103,6 +116,7 @@ class UserstreamTarget:
             "USERSTREAM_LOG_LEVEL": "warning",
             "USERSTREAM_MAX_CONNECTIONS_PER_USER": "1000",
             "USERSTREAM_DRAIN_S": "0",
+            "USERSTREAM_PUBLISH_TOKEN": PUBLISH_TOKEN,
         }
         if self.keepalive_s is not None:
             env["USERSTREAM_KEEPALIVE_S"] = str(self.keepalive_s)
@@ -164,6 +178,15 @@ class UserstreamTarget:
             records=[("w1", f"u{i}") for i in range(users)],
             columns=["workspace_id", "user_id"],
         )
+        if self.private_readers:
+            await conn.execute(
+                "INSERT INTO streams (id, workspace_id, visibility) VALUES ('s2', 'w1', 'private')"
+            )
+            await conn.copy_records_to_table(
+                "stream_members",
+                records=[("s2", f"u{i}") for i in range(self.private_readers)],
+                columns=["stream_id", "user_id"],
+            )
 
     async def _wait_ready(self) -> None:
         url = f"http://127.0.0.1:{self.port}/readyz"
@@ -222,6 +245,40 @@ class UserstreamTarget:
         async with self._conn.transaction():
             await publish_many(self._conn, events)
 
+    async def send_signals(self, bodies: list[tuple[int, bytes]]) -> None:
+        """Send one ephemeral signal per `(actor_index, body)` in one `POST /publish`
+        (PROTOCOL.md §5: `"ephemeral": true`), each `typing` in `w1`/`s2` (`s1`, the public
+        stream, without private readers), `actor_id` `u<actor_index>`, `data` the body JSON as
+        given. Raises RuntimeError when the gateway does not answer 202, httpx.HTTPError when
+        it cannot be reached."""
+        if not bodies:
+            return
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{self.port}",
+                headers={"Authorization": f"Bearer {PUBLISH_TOKEN}"},
+                timeout=10,
+            )
+        stream = "s2" if self.private_readers else "s1"
+        events = []
+        for actor, body in bodies:
+            self._sequence += 1
+            events.append(
+                {
+                    "type": SIGNAL_TYPE, "resource_type": "stream", "action": "update",
+                    "entity_id": f"t{self._sequence}", "workspace_id": "w1",
+                    "stream_id": stream, "actor_id": f"u{actor}",
+                    "data": orjson.Fragment(body), "ephemeral": True,
+                }
+            )  # fmt: skip
+        answer = await self._http.post(
+            "/publish",
+            content=orjson.dumps({"events": events}),
+            headers={"Content-Type": "application/json"},
+        )
+        if answer.status_code != 202:
+            raise RuntimeError(f"POST /publish answered {answer.status_code}: {answer.text}")
+
     async def server_counters(self) -> dict[str, float]:
         """The gateway's Prometheus counters and gauges (`GET /metrics`), by sample name with
         labels, e.g. `userstream_slow_consumer_disconnects_total`; {} when unreachable. With
@@ -260,6 +317,10 @@ class UserstreamTarget:
                 process.kill()
                 await asyncio.to_thread(process.wait)
         self._serve = self._relay = None
+        if self._http is not None:
+            with contextlib.suppress(Exception):
+                await self._http.aclose()
+            self._http = None
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close()
