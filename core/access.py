@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.channels import Routed
 from core.events import Event
 
 MAX_INHERIT_DEPTH = 10
@@ -101,12 +102,14 @@ def can_read_stream(
     return False
 
 
-def can_receive(state: AccessState, user_id: str, event: Event, *, admin: bool = False) -> bool:
+def can_receive(state: AccessState, user_id: str, event: Routed, *, admin: bool = False) -> bool:
     """Whether `user_id` may receive `event`, judged against `state` (PROTOCOL.md §2).
 
-    Rule 1: an event with `user_id` goes to that user only. Rule 2: with `stream_id`, to active
-    workspace members who can read the stream (`can_read_stream`). Rule 3: with only
-    `workspace_id`, to every active member. An untracked user receives nothing.
+    `event` is a change (`core.events.Event`) or an ephemeral signal (`core.signals.Signal`,
+    PROTOCOL.md §5: the same rules, as of now). Rule 1: an event with `user_id` goes to that
+    user only. Rule 2: with `stream_id`, to active workspace members who can read the stream
+    (`can_read_stream`). Rule 3: with only `workspace_id`, to every active member. An
+    untracked user receives nothing.
     """
     if event.user_id is not None:
         return event.user_id == user_id
@@ -118,6 +121,20 @@ def can_receive(state: AccessState, user_id: str, event: Event, *, admin: bool =
     if event.stream_id is None:
         return True
     return can_read_stream(state, user, event.workspace_id, event.stream_id, admin=admin)
+
+
+def workspace_of_stream(state: AccessState, user_id: str, stream_id: str) -> str | None:
+    """The workspace of `stream_id` among those where `user_id` is an active member, or None
+    (an untracked user, or a stream of no such workspace, as far as `state` knows). A signal
+    sent to a stream names no workspace (PROTOCOL.md §5); a stream the sender could read is
+    in one of theirs, whose streams `state` holds."""
+    user = state.users.get(user_id)
+    if user is None:
+        return None
+    for workspace_id, status in user.workspaces.items():
+        if status == ACTIVE and stream_id in state.streams.get(workspace_id, {}):
+            return workspace_id
+    return None
 
 
 def workspaces_to_load(state: AccessState, event: Event) -> set[str]:

@@ -4,12 +4,16 @@ Each function returns one complete frame ending in a blank line, with `\n` line 
 (WHATWG HTML §9.2.6 accepts `\n`, `\r` and `\r\n`). JSON is produced by orjson, which escapes
 line breaks inside strings, so every payload is a single `data:` line. The change payload
 embeds the event's `data` and `tx` JSON text as they came from Postgres (`orjson.Fragment`),
-without parsing them.
+without parsing them. An ephemeral signal's frame and a presence frame (PROTOCOL.md §5) have no
+`id:` line, so they never move a client's `Last-Event-ID`.
 """
+
+from collections.abc import Sequence
 
 import orjson
 
 from core.events import Event
+from core.signals import Signal
 from core.types import Frame
 
 PING: Frame = b": ping\n\n"
@@ -59,6 +63,29 @@ def encode_change(event: Event, cursor: str | None = None) -> Frame:
     replaces the event's own in both (a cursor carrying a prefetch snapshot)."""
     text = (cursor or event.cursor).encode()
     return b"event: change\nid: " + text + b"\ndata: " + change_payload(event, cursor) + b"\n\n"
+
+
+def encode_ephemeral(signal: Signal) -> Frame:
+    """`event: ephemeral` with `data: {"type", "workspaceId", "streamId", "userId", "data",
+    "at"}` and no `id:` line (PROTOCOL.md §5); `userId` is the sender (`Signal.actor_id`) and
+    `data` the signal's JSON text, embedded as it is."""
+    payload = {
+        "type": signal.type,
+        "workspaceId": signal.workspace_id,
+        "streamId": signal.stream_id,
+        "userId": signal.actor_id,
+        "data": _embedded(signal.data),
+        "at": signal.at,
+    }
+    return b"event: ephemeral\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def encode_presence(workspace_id: str, online: Sequence[str], offline: Sequence[str]) -> Frame:
+    """`event: presence` with `data: {"workspaceId", "online": [...], "offline": [...]}` and no
+    `id:` line (PROTOCOL.md §5): the users who came online and went offline in the workspace
+    since the previous presence frame, in the order given."""
+    payload = {"workspaceId": workspace_id, "online": list(online), "offline": list(offline)}
+    return b"event: presence\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
 def encode_offset(cursor: str) -> Frame:

@@ -14,17 +14,31 @@ Every event is validated before anything is written; a bad one raises `InvalidEv
 writes nothing, so the caller's transaction is not aborted by a CHECK violation or by a value
 Postgres cannot store (a NUL character: text and jsonb refuse U+0000, PostgreSQL docs §8.3 and
 §8.14).
+
+`publish_ephemeral(sink, event)` sends the same kind of event as an ephemeral signal
+(PROTOCOL.md §5) instead: validated the same way, routed by §2 on every gateway, written
+nowhere. It needs no database, only the bus the gateways share: pass a `sync.bus_redis.RedisBus`
+built with the gateways' `REDIS_URL` and `USERSTREAM_REDIS_PREFIX` (any `SignalSink` fits)::
+
+    bus = RedisBus(redis_url, "userstream:")
+    await publish_ephemeral(bus, OutboxEvent(
+        type="typing", resource_type="stream", action="update", entity_id=s,
+        workspace_id=w, stream_id=s, actor_id=u, data={"active": True}))
+
+A service without Redis access sends it over HTTP instead: `POST /publish` with
+`"ephemeral": true` on the event (`gateway.publish`).
 """
 
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from core.events import ACTIONS, MAX_DATA_BYTES, scope_error
+from core.signals import Signal, signal_time
 from core.types import Connection
 
 
@@ -189,3 +203,41 @@ async def publish_many(conn: Connection, events: Sequence[OutboxEvent]) -> list[
         *[list(column) for column in columns],
     )
     return [int(r["id"]) for r in records]
+
+
+class SignalSink(Protocol):
+    """Where `publish_ephemeral` hands a signal; every `sync.bus.Bus` is one."""
+
+    async def publish_signal(self, signal: Signal) -> None:
+        """Send `signal` to every gateway; raises ConnectionError when the transport is down."""
+        ...
+
+
+def ephemeral_signal(event: OutboxEvent, at: str | None = None) -> Signal:
+    """The signal that carries `event` (PROTOCOL.md §5): its type and scope columns,
+    `actor_id` as the sender, `data` as JSON text, `at` (now when None, `signal_time`).
+    `resource_type`, `action`, `entity_id` and `tx` are checked but not carried: the
+    `ephemeral` frame has no field for them. Raises InvalidEvent as `OutboxEvent.validate`."""
+    *_, data, _tx = event.validate()
+    return Signal(
+        type=event.type,
+        workspace_id=event.workspace_id,
+        stream_id=event.stream_id,
+        user_id=event.user_id,
+        actor_id=event.actor_id,
+        data=data,
+        at=at or signal_time(),
+    )
+
+
+async def publish_ephemeral(sink: SignalSink, event: OutboxEvent) -> Signal:
+    """Send `event` as an ephemeral signal through `sink` (the gateways' bus); return it.
+
+    Nothing is written to the outbox; the signal reaches the connections that are live on a
+    gateway when it arrives, at most once (PROTOCOL.md §5). Raises InvalidEvent (nothing
+    sent) for an event the outbox would refuse, and the sink's ConnectionError when its
+    transport is down (the signal is lost: send a later one, not this one again).
+    """
+    signal = ephemeral_signal(event)
+    await sink.publish_signal(signal)
+    return signal

@@ -2,6 +2,8 @@
 
 Routes: `GET /me/stream` (PROTOCOL.md §3), `GET /healthz`, `GET /readyz`, `GET /metrics`,
 `GET /admin/status` (`gateway.admin`), `POST /publish` (`gateway.publish`),
+`POST /me/ephemeral` and `GET /me/presence` (PROTOCOL.md §5, `gateway.ephemeral`,
+`gateway.presence`),
 `GET /client/userstream.js` (PROTOCOL.md §6, `gateway.client_script`), and in demo mode
 `/demo` with its helpers.
 `app_from_env()` is the factory uvicorn imports in worker processes.
@@ -20,8 +22,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.admin import admin_status, metrics, serve_metrics
 from gateway.client_script import client_script_routes
 from gateway.demo_page import demo_routes
+from gateway.ephemeral import PATH as EPHEMERAL_PATH
+from gateway.ephemeral import send_ephemeral
 from gateway.health import healthz, readyz
 from gateway.logs import configure_logging
+from gateway.presence import PATH as PRESENCE_PATH
+from gateway.presence import get_presence
 from gateway.publish import publish_events
 from gateway.runtime import Runtime
 from gateway.settings import Settings
@@ -49,6 +55,8 @@ def create_app(settings: Settings) -> "Gateway":
         Route("/metrics", metrics),
         Route("/admin/status", admin_status),
         Route("/publish", publish_events, methods=["POST"]),
+        Route(EPHEMERAL_PATH, send_ephemeral, methods=["POST"]),
+        Route(PRESENCE_PATH, get_presence),
         *client_script_routes(),
     ]
     if settings.demo:
@@ -84,8 +92,9 @@ class Gateway(Starlette):
 
 def cors(settings: Settings) -> list[Middleware]:
     """CORS for the configured origins only, with credentials (cookies) allowed for them, so
-    `new EventSource(url, {withCredentials: true})` works from those origins and no other
-    (Fetch standard CORS protocol; Starlette refuses `*` with credentials)."""
+    `new EventSource(url, {withCredentials: true})`, `GET /me/presence` and a JSON
+    `POST /me/ephemeral` work from those origins and no other (Fetch standard CORS protocol;
+    Starlette refuses `*` with credentials)."""
     if not settings.cors_origins:
         return []
     return [
@@ -93,8 +102,8 @@ def cors(settings: Settings) -> list[Middleware]:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_credentials=True,
-            allow_methods=["GET"],
-            allow_headers=["Authorization", "Last-Event-ID", "Cache-Control"],
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Last-Event-ID", "Cache-Control", "Content-Type"],
             max_age=600,
         )
     ]

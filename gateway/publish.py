@@ -8,9 +8,19 @@ A request carries `{"events": [event, ...]}`; each event is a JSON object with t
 is written; then all of them are inserted by `publish_many` in one transaction, so they commit
 together, in the order given, with consecutive cursors.
 
+An event with the extra member `"ephemeral": true` is an ephemeral signal instead (PROTOCOL.md
+§5): validated the same way (the §1 fields, `data` up to 64 KiB), written nowhere, and handed to
+the bus once the other events of the request have committed (at once when there are none),
+to reach every connection §2 routes it to on every replica, except those of its `actor_id`
+(the sender, the frame's `userId`); with `user_id` set, that user's connections only (rule 1).
+Its frame carries `type`, the scope ids, `actor_id` and `data`; `resource_type`, `action`,
+`entity_id` and `tx` are checked but not carried. Signals are at most once: one the bus cannot
+carry (Redis down) is lost, and the answer is still 202.
+
 Answers (errors are RFC 9457 problems):
 - 202 `{"accepted": n, "ids": [outbox id, ...]}`: committed; relayed and delivered later.
-  The ids are outbox row ids in request order, not cursors (a cursor is drawn at commit).
+  The ids are outbox row ids in request order, not cursors (a cursor is drawn at commit);
+  an ephemeral event has `null` in its place.
 - 404 without `USERSTREAM_PUBLISH_TOKEN` (the endpoint is off); 401, with
   `WWW-Authenticate: Bearer`, when `Authorization: Bearer <token>` is missing or wrong
   (`gateway.auth.static_token_refusal`, as for `/admin/status`).
@@ -18,15 +28,17 @@ Answers (errors are RFC 9457 problems):
   whose array is empty.
 - 413 for a body over `publish_max_bytes` (by `Content-Length` before reading, else counted
   while reading) or more than `publish_max_events` events: both mean "split the request".
-- 422 when any event is invalid, with `errors: [{"index", "detail"}]` naming each one
-  (an RFC 9457 §3.2 extension member); nothing is written. The SDK catches, by index,
-  whatever Postgres would refuse that it can check, NUL characters included. Two cases it
+- 422 when any event is invalid (an `ephemeral` member that is not a boolean included),
+  with `errors: [{"index", "detail"}]` naming each one (an RFC 9457 §3.2 extension member);
+  nothing is written or sent. The SDK catches, by index, whatever Postgres would refuse that
+  it can check, NUL characters included. Two cases it
   cannot check are refused by Postgres for the whole batch and get a 422 whose `errors` is
   empty (SQLSTATE classes 22 and 23): `data` with numbers Postgres prints longer than JSON
   does (jsonb keeps them as `numeric` and prints `1e300` as 301 digits) so that its printed
   form passes the 64 KiB CHECK; and a character the database encoding lacks, when that
   encoding is not UTF8.
-- 503 with `Retry-After` when Postgres fails or takes over `PUBLISH_TIMEOUT_S`. If the
+- 503 with `Retry-After` when Postgres fails or takes over `PUBLISH_TIMEOUT_S` (no signal of
+  the request is sent). If the
   failure came while committing, the events may have been written: a retry can repeat them,
   so consumers that must not see a change twice compare `entity_id` or `tx`.
 
@@ -44,8 +56,10 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from core.publish import InvalidEvent, OutboxEvent, publish_many
+from core.publish import InvalidEvent, OutboxEvent, ephemeral_signal, publish_many
+from core.signals import signal_time
 from gateway.auth import static_token_refusal
+from gateway.ephemeral import send_signal
 from gateway.problems import problem
 from gateway.runtime import Runtime
 from sync import metrics
@@ -58,6 +72,9 @@ PUBLISH_TIMEOUT_S = 5.0
 
 RETRY_AFTER_S = 2
 """`Retry-After` of a 503, seconds (RFC 9110 §10.2.3)."""
+
+EPHEMERAL = "ephemeral"
+"""The member that makes an event of the request an ephemeral signal (PROTOCOL.md §5)."""
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(OutboxEvent))
 _REQUIRED = tuple(
@@ -98,10 +115,17 @@ async def _answer(request: Request) -> Response:
         return refused
     try:
         body = await _read_body(request, settings.publish_max_bytes)
-        events = _decode_all(_parse(body, settings.publish_max_events))
+        items = _decode_all(_parse(body, settings.publish_max_events))
+        durable = [event for event, ephemeral in items if not ephemeral]
+        inserted = iter(await _insert(runtime, durable) if durable else [])
     except _Refused as refusal:
         return refusal.response
-    return await _insert(runtime, events)
+    at = signal_time()
+    for event, ephemeral in items:
+        if ephemeral:
+            await send_signal(runtime, ephemeral_signal(event, at))
+    ids = [None if ephemeral else next(inserted) for _, ephemeral in items]
+    return JSONResponse({"accepted": len(items), "ids": ids}, status_code=202)
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
@@ -164,14 +188,27 @@ def decode_event(item: object) -> OutboxEvent:
     return event
 
 
-def _decode_all(items: list[Any]) -> list[OutboxEvent]:
-    """Every item decoded. Raises `_Refused` with a 422 naming each invalid one by its index
-    (RFC 9110 §15.5.21, with the extension member `errors`)."""
-    events: list[OutboxEvent] = []
+def decode_item(item: object) -> tuple[OutboxEvent, bool]:
+    """One item of the `events` array: its event (`decode_event`) and whether it is
+    ephemeral (the member `ephemeral`, absent: False). Raises InvalidEvent as `decode_event`
+    does, and for an `ephemeral` member that is not a boolean."""
+    if isinstance(item, dict) and EPHEMERAL in item:
+        ephemeral = item[EPHEMERAL]
+        if not isinstance(ephemeral, bool):
+            raise InvalidEvent(f"{EPHEMERAL} must be true or false, got {ephemeral!r}")
+        fields = {name: value for name, value in item.items() if name != EPHEMERAL}
+        return decode_event(fields), ephemeral
+    return decode_event(item), False
+
+
+def _decode_all(items: list[Any]) -> list[tuple[OutboxEvent, bool]]:
+    """Every item decoded (`decode_item`). Raises `_Refused` with a 422 naming each invalid
+    one by its index (RFC 9110 §15.5.21, with the extension member `errors`)."""
+    events: list[tuple[OutboxEvent, bool]] = []
     errors: list[dict[str, object]] = []
     for index, item in enumerate(items):
         try:
-            events.append(decode_event(item))
+            events.append(decode_item(item))
         except InvalidEvent as exc:
             errors.append({"index": index, "detail": str(exc)})
     if errors:
@@ -180,8 +217,9 @@ def _decode_all(items: list[Any]) -> list[OutboxEvent]:
     return events
 
 
-async def _insert(runtime: Runtime, events: list[OutboxEvent]) -> Response:
-    """Insert `events` in one transaction on a pooled connection: 202, 422 or 503."""
+async def _insert(runtime: Runtime, events: list[OutboxEvent]) -> list[int]:
+    """Insert `events` in one transaction on a pooled connection; their outbox ids. Raises
+    `_Refused` with 422 or 503."""
     try:
         async with (
             asyncio.timeout(PUBLISH_TIMEOUT_S),
@@ -191,14 +229,16 @@ async def _insert(runtime: Runtime, events: list[OutboxEvent]) -> Response:
             ids = await publish_many(conn, events)
     except _REFUSED_DATA as exc:
         detail = f"Postgres refused the events; nothing was published: {exc}"
-        return problem(422, detail, extensions={"errors": []})
+        raise _Refused(problem(422, detail, extensions={"errors": []})) from None
     except SERVICE_FAULTS as exc:
         logger.warning("publish of %d events failed: postgres unavailable: %r", len(events), exc)
-        return problem(
-            503,
-            f"Postgres is unavailable ({type(exc).__name__}); retry later",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
+        raise _Refused(
+            problem(
+                503,
+                f"Postgres is unavailable ({type(exc).__name__}); retry later",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        ) from None
     metrics.PUBLISHED_EVENTS.inc(len(ids))
     logger.debug("published %d events, outbox ids %d to %d", len(ids), ids[0], ids[-1])
-    return JSONResponse({"accepted": len(ids), "ids": ids}, status_code=202)
+    return ids

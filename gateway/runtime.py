@@ -1,7 +1,9 @@
 """Everything a gateway process runs, built from settings and passed explicitly (no globals).
 
 `Runtime.start(settings)` opens the Postgres pool and the bus, starts the dispatcher, the
-keep-alive pass, the deadline sweep (`gateway.deadlines`), the replica status report, the
+signal fan-out (PROTOCOL.md §5, `sync.signals`) with its sweep of senders' access holds and
+rate buckets, the keep-alive pass, the deadline sweep (`gateway.deadlines`), the replica
+status report, presence (PROTOCOL.md §5, `sync.presence_feed`, unless `presence` is off), the
 shutdown drain (`gateway.shutdown`) and, in one-process mode or with `with_relay`, an outbox
 relay as tasks; `close()` stops them in reverse order: tasks, bus, pool (arq's `close()`).
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import nanoid
 import orjson
 
 from core.channels import workspace_channel
@@ -28,7 +31,7 @@ from core.schema.ingest import ingest_mode
 from core.types import Frame
 from gateway.auth import Authenticator
 from gateway.deadlines import SWEEP_INTERVAL_S, Deadlines
-from gateway.limits import ConnectionLimiter
+from gateway.limits import ConnectionLimiter, TokenBuckets
 from gateway.settings import Settings
 from gateway.shutdown import Drain
 from sync import metrics
@@ -37,9 +40,15 @@ from sync.bus import Bus
 from sync.bus_memory import InProcessBus
 from sync.bus_redis import RedisBus
 from sync.dispatcher import Dispatcher
+from sync.presence_feed import PresenceFeed
 from sync.relay import OutboxRelay
 from sync.retention import Pruner
+from sync.senders import SenderAccess
+from sync.signals import SignalFanOut
 from sync.subscribers import StreamSubscriberManager
+
+SIGNAL_SWEEP_S = 5.0
+"""How often senders' expired access holds and full rate buckets are dropped, seconds."""
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +100,11 @@ class Runtime:
     limiter: ConnectionLimiter
     drain: Drain
     deadlines: Deadlines
+    signals: SignalFanOut
+    senders: SenderAccess
+    signal_limiter: TokenBuckets
     relay: OutboxRelay | None = None
+    presence: PresenceFeed | None = None
     ingest: str = "trigger"
     replica: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     started_at: float = field(default_factory=time.time)
@@ -122,7 +135,19 @@ class Runtime:
         limiter = ConnectionLimiter(settings.max_connections_per_user)
         drain = Drain(dispatcher, settings.drain_s)
         deadlines = Deadlines(settings.send_timeout_s)
-        runtime = cls(settings, pool, bus, dispatcher, auth, limiter, drain, deadlines)
+        runtime = cls(
+            settings,
+            pool,
+            bus,
+            dispatcher,
+            auth,
+            limiter,
+            drain,
+            deadlines,
+            SignalFanOut(bus, dispatcher),
+            SenderAccess(dispatcher),
+            TokenBuckets(settings.ephemeral_rate, settings.ephemeral_burst),
+        )
         async with pool.acquire() as conn:
             runtime.ingest = await ingest_mode(conn)
         await dispatcher.start()
@@ -131,10 +156,14 @@ class Runtime:
             lambda: sum(s.buffered_bytes for s in dispatcher.manager.all())
         )
         runtime.spawn(dispatcher.run(runtime.stop), "dispatcher")
+        runtime.spawn(runtime.signals.run(runtime.stop), "signals")
+        runtime.spawn(runtime.every(SIGNAL_SWEEP_S, runtime.sweep_signal_state), "signal-sweep")
         runtime.spawn(drain.run(runtime.stop), "drain")
         runtime.spawn(runtime.every(settings.keepalive_s / 2, dispatcher.ping_idle), "keep-alive")
         runtime.spawn(runtime.every(SWEEP_INTERVAL_S, deadlines.sweep), "deadlines")
         runtime.spawn(runtime.every(settings.status_interval_s, runtime.report), "status")
+        if settings.presence:
+            await runtime.start_presence()
         if settings.with_relay or not settings.redis_url:
             runtime.relay = make_relay(settings, bus)
             runtime.spawn(runtime.relay.run(runtime.stop), "relay")
@@ -146,6 +175,24 @@ class Runtime:
             "in process" if runtime.relay else "separate",
         )
         return runtime
+
+    async def start_presence(self) -> None:
+        """Start presence (`sync.presence_feed`) under an id of this process lifetime (the
+        replica id and a random suffix: a restarted process with the same pid is another
+        replica to the others), with its first heartbeat written before any stream opens."""
+        settings = self.settings
+        feed = self.presence = PresenceFeed(
+            self.bus,
+            self.dispatcher,
+            f"{self.replica}-{nanoid.generate(size=6)}",
+            grace_s=settings.presence_grace_s,
+            interval_s=settings.presence_interval_s,
+            ttl_s=settings.presence_ttl_s,
+        )
+        await feed.start()
+        metrics.PRESENCE_ONLINE_USERS.set_function(feed.book.connected_users)
+        metrics.PRESENCE_ONLINE_PAIRS.set_function(feed.book.pair_count)
+        self.spawn(feed.run(self.stop), "presence")
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run `work` as a task until `close()`."""
@@ -164,6 +211,11 @@ class Runtime:
                     await result
             except Exception as exc:
                 logger.warning("%s failed: %r", getattr(step, "__name__", step), exc)
+
+    def sweep_signal_state(self) -> None:
+        """Release senders' access holds that ended and forget rate buckets full again."""
+        self.senders.sweep()
+        self.signal_limiter.prune()
 
     def status(self) -> dict[str, Any]:
         """This replica's view: `{"replica", "started_at" (epoch s), "position" (cursor),

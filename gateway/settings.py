@@ -104,6 +104,44 @@ class Settings(BaseSettings):
     publish_max_events: int = Field(
         1000, gt=0, description="Most events in one `POST /publish`; more get 413."
     )
+    ephemeral_rate: float = Field(
+        10.0,
+        gt=0,
+        description="Signals one user may send to `POST /me/ephemeral` per second, per gateway"
+        " process: the refill rate of the user's token bucket (PROTOCOL.md §5); more get 429.",
+    )
+    ephemeral_burst: int = Field(
+        20,
+        ge=1,
+        description="Signals one user may send at once, per gateway process: the size of the"
+        " user's token bucket (PROTOCOL.md §5).",
+    )
+    presence: bool = Field(
+        True,
+        description="Track who is online and send `event: presence` frames (PROTOCOL.md §5);"
+        " false turns presence off entirely (no announcements, heartbeats or frames, and"
+        " `GET /me/presence` answers 404).",
+    )
+    presence_grace_s: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a user stays online after their last stream closed, so that a"
+        " reconnect does not flap (PROTOCOL.md §5).",
+    )
+    presence_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="Seconds between presence ticks: each workspace's changes are batched into"
+        " at most one `event: presence` frame per interval per connection (PROTOCOL.md §5).",
+    )
+    presence_ttl_s: float = Field(
+        6.0,
+        gt=0,
+        description="Seconds a replica's presence heartbeat lives on the bus (written every"
+        " third of it): the users of a replica that dies go offline at most the TTL, a third"
+        " of it and one interval after it died, within the grace of PROTOCOL.md §5 with the"
+        " defaults (6 + 2 + 1 s < 10 s).",
+    )
     status_interval_s: float = Field(
         5.0, gt=0, description="How often each replica reports its status to the bus, seconds."
     )

@@ -274,6 +274,7 @@ async def me_stream(request: Request) -> Response:
         subscriber,
         first=retry_frame(settings),
         page_size=settings.catchup_page_size,
+        watcher=runtime.presence,
     )
     return SSEResponse(runtime, principal.user_id, principal.expires_at, subscriber, frames)
 

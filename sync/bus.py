@@ -7,8 +7,21 @@ source of truth; the bus may lose everything at any time). Publishing is idempot
 position: a batch whose last position is not past the last one published is refused
 (`publish` returns False), which keeps a relay that takes over from doubling events.
 
+Beside the batches, the bus carries ephemeral signals (PROTOCOL.md §5, `core.signals.Signal`):
+`publish_signal` sends one to every `signals()` iterator open on any replica at that moment,
+at most once, with no position and no history. A signal published while the transport is
+down, or while a replica's subscription is reconnecting, is lost to it: signals are not part
+of the guarantees of PROTOCOL.md §4.
+
+Presence (PROTOCOL.md §5, `sync.presence`) takes two paths: `publish_presence` sends a
+replica's `PresenceUpdate` to every `presence()` iterator open at that moment, like a signal
+(at most once, nothing kept), and `put_presence` keeps each replica's full set for `ttl_s`
+seconds, read back with `presences()`, like the replica status reports of `put_status`; an
+expired heartbeat is how a dead replica's users go offline.
+
 Implementations: `sync.bus_memory.InProcessBus` (one process) and `sync.bus_redis.RedisBus`
-(Redis Streams, for several replicas). `tests/contract/test_bus.py` runs one suite on both.
+(Redis Streams and pub/sub, for several replicas). `tests/contract/test_bus.py` runs one suite
+on both.
 """
 
 from collections.abc import AsyncIterator
@@ -18,6 +31,8 @@ from typing import Protocol
 import orjson
 
 from core.events import Event
+from core.signals import Signal
+from sync.presence import PresenceUpdate
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +93,42 @@ class Bus(Protocol):
 
     async def last_position(self) -> int:
         """Position of the last event the bus holds (0 when it holds none)."""
+        ...
+
+    async def publish_signal(self, signal: Signal) -> None:
+        """Send an ephemeral signal to every open `signals()` iterator, on every replica, at
+        most once; nothing is kept. Raises ConnectionError when the transport is down (the
+        signal is lost) or after close()."""
+        ...
+
+    def signals(self) -> AsyncIterator[Signal]:
+        """Every signal published, by any replica, while this iterator is subscribed, in the
+        order each publisher sent them, until close(). The subscription starts with the first
+        step of the iterator (and, over a network, a moment later): nothing published before
+        it is ever seen. Outages are retried inside; what is published meanwhile is lost."""
+        ...
+
+    async def publish_presence(self, update: PresenceUpdate) -> None:
+        """Send a replica's presence update to every open `presence()` iterator, on every
+        replica (its own included), at most once; nothing is kept. Raises ConnectionError
+        when the transport is down or slow (the update is lost) or after close()."""
+        ...
+
+    def presence(self) -> AsyncIterator[PresenceUpdate]:
+        """Every presence update published while this iterator is subscribed, in the order
+        each publisher sent them, until close(); subscribed as `signals()` is. Outages are
+        retried inside; what is published meanwhile is lost."""
+        ...
+
+    async def put_presence(self, update: PresenceUpdate, ttl_s: float) -> None:
+        """Keep `update` (a full set) as `update.replica`'s heartbeat for `ttl_s` seconds,
+        unless replaced. Raises ConnectionError when the transport is down or slow or after
+        close()."""
+        ...
+
+    async def presences(self) -> dict[str, PresenceUpdate]:
+        """The unexpired heartbeat of every replica, by replica id. Raises ConnectionError
+        when the transport is down or slow or after close()."""
         ...
 
     async def ping(self) -> bool:

@@ -9,6 +9,11 @@ Modelled on centrifuge's `broker_memory.go` (history kept in memory, trimmed to 
 Departure: centrifuge pushes each publication into the node's handler; here each reader pulls
 from its own position, so a reader that falls behind the window continues from the oldest held
 batch, whose `prev` then shows what it missed (sync/bus.py).
+
+Signals and presence updates (PROTOCOL.md §5) each have a `_Topic`: a message goes straight
+into a bounded queue per open iterator; a reader whose queue is full loses it (as Redis drops a
+pub/sub client that falls too far behind), so a stalled reader never holds memory. Replica
+status reports and presence heartbeats are each an `_Expiring` map, kept by monotonic clock.
 """
 
 import asyncio
@@ -16,8 +21,68 @@ import bisect
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Generic, TypeVar
 
+from core.signals import Signal
 from sync.bus import Batch
+from sync.presence import PresenceUpdate
+
+SIGNAL_QUEUE_SIZE = 10_000
+"""Messages one `signals()` or `presence()` iterator may have waiting before later ones are
+dropped for it."""
+
+T = TypeVar("T")
+
+
+class _Topic(Generic[T]):
+    """Publish-subscribe inside one process: each open `subscribe()` iterator gets every
+    message published while it is open, in order, until `close()`."""
+
+    def __init__(self) -> None:
+        self._queues: set[asyncio.Queue[T | None]] = set()
+        self._closed = False
+
+    def publish(self, message: T) -> None:
+        """Queue `message` for every open iterator (dropped for one whose queue holds
+        SIGNAL_QUEUE_SIZE already)."""
+        for queue in self._queues:
+            if queue.qsize() < SIGNAL_QUEUE_SIZE:
+                queue.put_nowait(message)
+
+    async def subscribe(self) -> AsyncIterator[T]:
+        """Every message published from this iterator's first step on, until `close()`."""
+        if self._closed:
+            return
+        queue: asyncio.Queue[T | None] = asyncio.Queue()
+        self._queues.add(queue)
+        try:
+            while (message := await queue.get()) is not None:
+                yield message
+        finally:
+            self._queues.discard(queue)
+
+    def close(self) -> None:
+        """End every open iterator; later ones end at once."""
+        self._closed = True
+        for queue in self._queues:
+            queue.put_nowait(None)  # unbounded queue: the end mark always fits
+
+
+class _Expiring(Generic[T]):
+    """Values by key, each kept `ttl_s` seconds (monotonic clock) unless replaced."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[T, float]] = {}
+
+    def put(self, key: str, value: T, ttl_s: float) -> None:
+        """Keep `value` under `key` for `ttl_s` seconds."""
+        self._values[key] = (value, time.monotonic() + ttl_s)
+
+    def live(self) -> dict[str, T]:
+        """The values not yet expired, by key (expired ones are dropped)."""
+        now = time.monotonic()
+        self._values = {k: (v, until) for k, (v, until) in self._values.items() if until > now}
+        return {k: v for k, (v, _) in self._values.items()}
 
 
 def _last(batch: Batch) -> int:
@@ -38,7 +103,10 @@ class InProcessBus:
         self._last = 0
         self._published = asyncio.Event()
         self._closed = False
-        self._statuses: dict[str, tuple[bytes, float]] = {}
+        self._statuses: _Expiring[bytes] = _Expiring()
+        self._heartbeats: _Expiring[PresenceUpdate] = _Expiring()
+        self._signals: _Topic[Signal] = _Topic()
+        self._presence: _Topic[PresenceUpdate] = _Topic()
 
     async def publish(self, batch: Batch) -> bool:
         """Append `batch` and wake every reader; False (nothing appended) when its last
@@ -72,6 +140,39 @@ class InProcessBus:
         """Position of the last event published (0 before the first publish)."""
         return self._last
 
+    async def publish_signal(self, signal: Signal) -> None:
+        """Queue `signal` for every open `signals()` iterator (dropped for one whose queue
+        holds SIGNAL_QUEUE_SIZE already). Raises ConnectionError after close()."""
+        self._check_open()
+        self._signals.publish(signal)
+
+    def signals(self) -> AsyncIterator[Signal]:
+        """Every signal published from this iterator's first step on, in order, until
+        close()."""
+        return self._signals.subscribe()
+
+    async def publish_presence(self, update: PresenceUpdate) -> None:
+        """Queue `update` for every open `presence()` iterator, this process's own included
+        (its `PresenceBook` ignores its own). Raises ConnectionError after close()."""
+        self._check_open()
+        self._presence.publish(update)
+
+    def presence(self) -> AsyncIterator[PresenceUpdate]:
+        """Every presence update published from this iterator's first step on, in order,
+        until close()."""
+        return self._presence.subscribe()
+
+    async def put_presence(self, update: PresenceUpdate, ttl_s: float) -> None:
+        """Keep `update` as its replica's heartbeat for `ttl_s` seconds (monotonic clock).
+        Raises ConnectionError after close()."""
+        self._check_open()
+        self._heartbeats.put(update.replica, update, ttl_s)
+
+    async def presences(self) -> dict[str, PresenceUpdate]:
+        """The heartbeats not yet expired. Raises ConnectionError after close()."""
+        self._check_open()
+        return self._heartbeats.live()
+
     async def ping(self) -> bool:
         """True until close()."""
         return not self._closed
@@ -79,19 +180,23 @@ class InProcessBus:
     async def put_status(self, replica: str, report: bytes, ttl_s: float) -> None:
         """Keep `report` for `ttl_s` seconds (monotonic clock). Raises ConnectionError after
         close()."""
-        if self._closed:
-            raise ConnectionError("the in-process bus is closed")
-        self._statuses[replica] = (report, time.monotonic() + ttl_s)
+        self._check_open()
+        self._statuses.put(replica, report, ttl_s)
 
     async def statuses(self) -> dict[str, bytes]:
         """The reports not yet expired."""
-        now = time.monotonic()
-        return {k: report for k, (report, until) in self._statuses.items() if until > now}
+        return self._statuses.live()
 
     async def close(self) -> None:
         """End every reader (each returns at its next step); publish then raises. Idempotent."""
         self._closed = True
         self._wake_readers()
+        self._signals.close()
+        self._presence.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionError("the in-process bus is closed")
 
     def _wake_readers(self) -> None:
         woken, self._published = self._published, asyncio.Event()

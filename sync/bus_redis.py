@@ -17,6 +17,14 @@ Modelled on centrifuge's `broker_redis.go` (history in a stream whose IDs are of
 Departures: no Lua script, no pub/sub channel and no epoch: the stream itself carries the
 batches, the entry ID is the position, and lost history shows as a gap in `prev`, which the
 reader fills from Postgres (DESIGN.md "Decisions").
+
+Ephemeral signals (PROTOCOL.md §5) use pub/sub on `{prefix}signals` instead, at most once and
+never stored: `sync.signals_redis`; so do presence announcements, on `{prefix}presence`.
+
+Keys with an expiry hold each replica's latest report of one kind: its status at
+`{prefix}replicas:{replica}` (`/admin/status`) and its presence heartbeat, the full set of pairs
+it vouches for, at `{prefix}presence:{replica}`. Reading them all is a SCAN and an MGET, each
+bounded by `REPORT_TIMEOUT_S`.
 """
 
 import asyncio
@@ -32,7 +40,18 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamEntry
 
+from core.signals import Signal
 from sync.bus import Batch
+from sync.presence import PresenceUpdate
+from sync.signals_redis import (
+    PRESENCE_CHANNEL_SUFFIX,
+    SIGNALS_CHANNEL_SUFFIX,
+    ChannelListener,
+    decode_presence,
+    decode_signal,
+    publish_message,
+    publish_signal,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +60,13 @@ EVENTS_KEY_SUFFIX = "events"
 
 REPLICAS_KEY_SUFFIX = "replicas:"
 """Replica status reports live at `{prefix}replicas:{replica}`, each with its own expiry."""
+
+PRESENCE_KEY_SUFFIX = "presence:"
+"""Presence heartbeats live at `{prefix}presence:{replica}`, each with its own expiry."""
+
+REPORT_TIMEOUT_S = 2.0
+"""Seconds one write or one read of every replica's reports (status or heartbeat) may take
+before it fails with ConnectionError (a hung server must not stall the caller's loop)."""
 
 PAYLOAD_FIELD = b"b"
 """The one field of each stream entry; its value is `Batch.encode()`."""
@@ -83,7 +109,10 @@ class RedisBus:
         if block_ms < 1:
             raise ValueError(f"block_ms must be >= 1, got {block_ms}")
         self.key = f"{prefix}{EVENTS_KEY_SUFFIX}"
+        self.signals_channel = f"{prefix}{SIGNALS_CHANNEL_SUFFIX}"
+        self.presence_channel = f"{prefix}{PRESENCE_CHANNEL_SUFFIX}"
         self._replicas = f"{prefix}{REPLICAS_KEY_SUFFIX}"
+        self._heartbeats = f"{prefix}{PRESENCE_KEY_SUFFIX}"
         self.max_batches = max_batches
         self.block_ms = block_ms
         self._url = url
@@ -142,6 +171,27 @@ class RedisBus:
         entry_id = entries[0][0] if entries else None
         return 0 if entry_id is None else _position(entry_id)
 
+    async def publish_signal(self, signal: Signal) -> None:
+        """`PUBLISH {prefix}signals` the signal (`sync.signals_redis`). Raises ConnectionError
+        when Redis is unreachable or slow (the signal is lost) or after close()."""
+        self._check_open()
+        await publish_signal(self._client, self.signals_channel, signal)
+
+    async def signals(self) -> AsyncIterator[Signal]:
+        """Every signal published on `{prefix}signals` while subscribed, until close(), on a
+        connection of its own that survives Redis outages (`sync.signals_redis`); a message
+        that is not a signal is logged and skipped."""
+        if self._closed.is_set():
+            return
+        listener = ChannelListener(self._url, self.signals_channel, self._closed)
+        try:
+            while (payload := await listener.receive()) is not None:
+                signal = decode_signal(self.signals_channel, payload)
+                if signal is not None:
+                    yield signal
+        finally:
+            await listener.aclose()
+
     async def ping(self) -> bool:
         """True when Redis answers PING within PING_TIMEOUT_S; never raises."""
         if self._closed.is_set():
@@ -152,25 +202,73 @@ class RedisBus:
         except (RedisError, OSError):  # asyncio's TimeoutError is an OSError
             return False
 
+    async def publish_presence(self, update: PresenceUpdate) -> None:
+        """`PUBLISH {prefix}presence` the update. Raises ConnectionError when Redis is
+        unreachable or slow (the update is lost) or after close()."""
+        self._check_open()
+        await publish_message(
+            self._client, self.presence_channel, update.encode(), "a presence update"
+        )
+
+    async def presence(self) -> AsyncIterator[PresenceUpdate]:
+        """Every update published on `{prefix}presence` while subscribed, until close(), on a
+        connection of its own that survives Redis outages (`sync.signals_redis`); a message
+        that is not an update is logged and skipped."""
+        if self._closed.is_set():
+            return
+        listener = ChannelListener(self._url, self.presence_channel, self._closed)
+        try:
+            while (payload := await listener.receive()) is not None:
+                update = decode_presence(self.presence_channel, payload)
+                if update is not None:
+                    yield update
+        finally:
+            await listener.aclose()
+
+    async def put_presence(self, update: PresenceUpdate, ttl_s: float) -> None:
+        """`SET {prefix}presence:{replica} update PX ttl`. Raises ConnectionError when Redis
+        is unreachable or slower than REPORT_TIMEOUT_S, or after close()."""
+        await self._put_report(self._heartbeats, update.replica, update.encode(), ttl_s)
+
+    async def presences(self) -> dict[str, PresenceUpdate]:
+        """Every unexpired heartbeat (`_reports`); one that does not decode is logged and
+        left out. Raises ConnectionError like `put_presence`."""
+        heartbeats = {}
+        for replica, body in (await self._reports(self._heartbeats)).items():
+            update = decode_presence(f"{self._heartbeats}{replica}", body)
+            if update is not None:
+                heartbeats[replica] = update
+        return heartbeats
+
     async def put_status(self, replica: str, report: bytes, ttl_s: float) -> None:
         """`SET {prefix}replicas:{replica} report PX ttl`. Raises ConnectionError when Redis is
-        unreachable or after close()."""
-        self._check_open()
-        try:
-            await self._client.set(f"{self._replicas}{replica}", report, px=int(ttl_s * 1000))
-        except _TRANSPORT_ERRORS as exc:
-            raise ConnectionError(f"reporting replica status: {_describe(exc)}") from exc
+        unreachable or slower than REPORT_TIMEOUT_S, or after close()."""
+        await self._put_report(self._replicas, replica, report, ttl_s)
 
     async def statuses(self) -> dict[str, bytes]:
-        """Every unexpired report (SCAN over `{prefix}replicas:*`, then MGET). Raises
-        ConnectionError when Redis is unreachable or after close()."""
+        """Every unexpired report (`_reports`). Raises ConnectionError like `put_status`."""
+        return await self._reports(self._replicas)
+
+    async def _put_report(self, prefix: str, replica: str, body: bytes, ttl_s: float) -> None:
+        """`SET {prefix}{replica} body PX ttl`, within REPORT_TIMEOUT_S."""
         self._check_open()
         try:
-            keys = [k async for k in self._client.scan_iter(match=f"{self._replicas}*")]
-            values = await self._client.mget(keys) if keys else []
+            async with asyncio.timeout(REPORT_TIMEOUT_S):
+                await self._client.set(f"{prefix}{replica}", body, px=max(1, int(ttl_s * 1000)))
+        except _TRANSPORT_ERRORS as exc:  # asyncio's TimeoutError is an OSError
+            raise ConnectionError(f"writing {prefix}{replica}: {_describe(exc)}") from exc
+
+    async def _reports(self, prefix: str) -> dict[str, bytes]:
+        """Every unexpired value at `{prefix}*`, by the rest of its key (SCAN, then MGET),
+        within REPORT_TIMEOUT_S."""
+        self._check_open()
+        try:
+            async with asyncio.timeout(REPORT_TIMEOUT_S):
+                keys = [k async for k in self._client.scan_iter(match=f"{prefix}*")]
+                values = await self._client.mget(keys) if keys else []
         except _TRANSPORT_ERRORS as exc:
-            raise ConnectionError(f"reading replica statuses: {_describe(exc)}") from exc
-        start = len(self._replicas)
+            raise ConnectionError(f"reading {prefix}*: {_describe(exc)}") from exc
+        start = len(prefix)
         return {
             _text(k)[start:]: _bytes(v) for k, v in zip(keys, values, strict=True) if v is not None
         }

@@ -28,6 +28,7 @@ publications by offset the same way).
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from core.access import can_receive
 from core.channels import user_channel, workspace_channel
@@ -69,6 +70,18 @@ class AccessLoadFailed(RuntimeError):
 _UNAVAILABLE: tuple[type[BaseException], ...] = (*SERVICE_FAULTS, AccessLoadFailed)
 
 
+class StreamWatcher(Protocol):
+    """Told when streams go live and end (presence counts open streams, `sync.presence_feed`)."""
+
+    def opened(self, subscriber: Subscriber) -> None:
+        """`subscriber` is live: registered, its `offset` frame queued."""
+        ...
+
+    def closed(self, subscriber: Subscriber) -> None:
+        """A stream `opened` was called for has ended (called once, however it ended)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class StreamRequest:
     """Who connects and from where: `after` None means `now`; `prefetch` is the snapshot a
@@ -90,23 +103,27 @@ async def open_stream(
     first: Frame = b"",
     page_size: int = 500,
     on_open: Callable[[int], None] | None = None,
+    watcher: StreamWatcher | None = None,
 ) -> AsyncGenerator[Frame, None]:
     """The frames of one `/me/stream` response: `first` (the `retry:` frame, sent at once),
     catch-up, `offset`, then live frames from `subscriber` until it is closed.
 
-    `on_open(position)` is called once the subscriber is live. The subscriber is unregistered
-    and its user's access released when the iterator ends, however it ends. When Postgres
+    `on_open(position)` and `watcher.opened(subscriber)` are called once the subscriber is
+    live. The subscriber is unregistered and its user's access released when the iterator
+    ends, however it ends (a slow-consumer cut-off, shutdown, the client gone), and then
+    `watcher.closed(subscriber)` is called if `watcher.opened` was. When Postgres
     fails (`sync.faults.SERVICE_FAULTS`) or the access state cannot be installed
     (AccessLoadFailed) before the stream is live, the frames end with a `retry:` and
     `event: close` `{"reason": "unavailable"}` instead of raising.
     """
     cache = dispatcher.cache
     installed = False
+    watching: StreamWatcher | None = None
     after = replayed = 0
     try:
         yield first
         try:
-            snapshot = await _install(dispatcher, request.user_id)
+            cache, snapshot = await install_access(dispatcher, request.user_id)
             installed = True
             after, head = _start_position(dispatcher, request, snapshot)
             if head:
@@ -126,8 +143,7 @@ async def open_stream(
         # From here to the registration nothing may await: the dispatcher must not move.
         opening = _go_live(dispatcher, cache, request, subscriber, after, replayed)
         if opening:
-            if on_open is not None:
-                on_open(subscriber.after)
+            watching = _went_live(subscriber, on_open, watcher)
             yield opening
         async for chunk in subscriber.frames():
             yield chunk
@@ -135,6 +151,21 @@ async def open_stream(
         dispatcher.manager.unregister(subscriber.id)
         if installed:
             cache.release(request.user_id)
+        if watching is not None:
+            watching.closed(subscriber)
+
+
+def _went_live(
+    subscriber: Subscriber,
+    on_open: Callable[[int], None] | None,
+    watcher: StreamWatcher | None,
+) -> StreamWatcher | None:
+    """Tell `on_open` and `watcher` that `subscriber` is live; returns the watcher told."""
+    if on_open is not None:
+        on_open(subscriber.after)
+    if watcher is not None:
+        watcher.opened(subscriber)
+    return watcher
 
 
 def _go_live(
@@ -179,16 +210,21 @@ def _frames(
     return frames
 
 
-async def _install(dispatcher: Dispatcher, user_id: str) -> Snapshot:
+async def install_access(dispatcher: Dispatcher, user_id: str) -> tuple[AccessCache, Snapshot]:
+    """Load `user_id`'s access in one snapshot, let the dispatcher reach its position, and
+    install it in the dispatcher's cache as one more holder (steps 1-2 of the module
+    docstring). Returns the cache it went into (the dispatcher's; a resync replaces it) and
+    the snapshot. Raises AccessLoadFailed after INSTALL_ATTEMPTS tries, and what Postgres
+    raises (`sync.faults.SERVICE_FAULTS`)."""
     for _ in range(INSTALL_ATTEMPTS):
-        snapshot = await dispatcher.cache.load(dispatcher.pool, user_id, dispatcher.barrier)
+        cache = dispatcher.cache
+        snapshot = await cache.load(dispatcher.pool, user_id, dispatcher.barrier)
         if not await dispatcher.reached(snapshot.settled, DISPATCH_WAIT_S):
             logger.debug("dispatcher behind position %d: installing ahead", snapshot.position)
-        if snapshot.position < dispatcher.window.floor:
-            continue  # the dispatcher moved past what its window can replay: load again
-        replay = dispatcher.window.after(snapshot.position)
-        if dispatcher.cache.install(snapshot, replay):
-            return snapshot
+        if cache is not dispatcher.cache or snapshot.position < dispatcher.window.floor:
+            continue  # resynced, or moved past what the window can replay: load again
+        if cache.install(snapshot, dispatcher.window.after(snapshot.position)):
+            return cache, snapshot
     raise AccessLoadFailed(f"could not install access of user {user_id!r}")
 
 

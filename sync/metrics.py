@@ -136,3 +136,46 @@ PUBLISH_REQUESTS = Counter(
 PUBLISHED_EVENTS = Counter(
     "userstream_published_events", "Events committed to the outbox through POST /publish."
 )
+SIGNALS_RECEIVED = Counter(
+    "userstream_signals_received",
+    "Ephemeral signals accepted by this process (POST /me/ephemeral answered 202, and the"
+    " ephemeral events of POST /publish), PROTOCOL.md §5.",
+)
+SIGNALS_REFUSED = Counter(
+    "userstream_signals_refused",
+    "POST /me/ephemeral requests refused, by reason: bad_request (400), unauthorized (401),"
+    " forbidden (403), too_large (413), rate_limited (429), unavailable (503: Postgres failed"
+    " while the sender's access was loaded).",
+    ["reason"],
+)
+SIGNALS_LOST = Counter(
+    "userstream_signals_lost",
+    "Accepted signals the bus could not carry to the replicas (Redis down or slow): lost.",
+)
+SIGNAL_FRAMES = Counter(
+    "userstream_signal_frames",
+    "`ephemeral` frames queued to subscribers' send buffers (signal fan-out).",
+)
+PRESENCE_FRAMES = Counter(
+    "userstream_presence_frames",
+    "`presence` frames queued to subscribers' send buffers (at most one per workspace per"
+    " connection per USERSTREAM_PRESENCE_INTERVAL_S), PROTOCOL.md §5.",
+)
+PRESENCE_PUBLISHED = Counter(
+    "userstream_presence_announcements_published",
+    "Presence announcements this process published to the other replicas: changes of the"
+    " (workspace, user) pairs it vouches for, and its full set after the bus came back.",
+)
+PRESENCE_RECEIVED = Counter(
+    "userstream_presence_announcements_received",
+    "Presence announcements of other replicas applied by this process (its own, and stale"
+    " ones, are not counted).",
+)
+PRESENCE_ONLINE_USERS = Gauge(
+    "userstream_presence_online_users",
+    "Users with at least one open /me/stream connection in this process.",
+)
+PRESENCE_ONLINE_PAIRS = Gauge(
+    "userstream_presence_online_pairs",
+    "(workspace, user) pairs online on any replica, as this process knows them.",
+)

@@ -18,6 +18,9 @@ def processes(database_url: str, redis_url: str, redis_prefix: str) -> Iterator[
         "USERSTREAM_RELAY_POLL_INTERVAL_S": "0.5",
         "USERSTREAM_RELAY_STANDBY_RETRY_S": "0.5",
         "USERSTREAM_LOG_LEVEL": "warning",
+        # Presence frames would come between the frames other tests expect; tests of
+        # presence turn it on (tests/e2e/test_presence.py).
+        "USERSTREAM_PRESENCE": "false",
     }
     running = Processes(env)
     yield running

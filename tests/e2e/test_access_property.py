@@ -26,6 +26,14 @@ later, and the next example's data, reset without events, must not meet that sta
 The outbox is not truncated between examples: a gateway's `offset=now` position is the
 outbox's largest `seq`, which must never move backwards under it.
 
+Signals (PROTOCOL.md §5). Once every client has its sentinel (the gateway has applied every
+change), each user sends, through `POST /me/ephemeral`, one signal to every stream and every
+workspace of the model. Who may read each of these scopes now is asked of the reference by
+committing one probe message per stream and one workspace-only event per workspace. A signal
+must be accepted (202) exactly when its sender may read its scope (else 403), and reach
+exactly the users who may, minus the sender. A marker signal per user (`POST /publish`,
+`user_id` set) ends the wait: signals of one gateway arrive in the order sent.
+
 The explicit examples are cases random search finds only now and then.
 `USERSTREAM_PROPERTY_EXAMPLES` sets the number of drawn examples (default 200).
 """
@@ -36,9 +44,11 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 from asyncpg.transaction import Transaction as PgTransaction
 from httpx_sse import aconnect_sse
@@ -760,10 +770,123 @@ async def check(run: Run, db: asyncpg.Connection) -> None:
     assert not failures, "\n".join(failures)
 
 
+# Signals: judged like a change of the same scope, as of now (PROTOCOL.md §5).
+
+PUBLISH_TOKEN = "publish-secret-for-the-access-property"
+SIGNAL_TIMEOUT_S = 10.0
+
+Scope = tuple[str, str | None]
+"""A signal's scope: (workspace, stream) or (workspace, None), local ids."""
+
+
+def scopes_of(scenario: Scenario) -> list[Scope]:
+    """Every stream the scenario ever has (none is deleted), then every workspace."""
+    streams = [(s.workspace, s.id) for s in scenario.world.streams]
+    for tx in scenario.transactions:
+        streams += [
+            (c.stream.workspace, c.stream.id) for c in tx.changes if isinstance(c, CreateStream)
+        ]
+    return [*streams, *((w, None) for w in scenario.world.workspaces)]
+
+
+async def readers_now(
+    run: Run, db: asyncpg.Connection, scopes: list[Scope]
+) -> dict[Scope, set[str]]:
+    """Who may read each scope now, by the reference: one probe change per scope."""
+    n = run.n
+    events = [
+        outbox_event(n, "stream_event.created", f"final-{w}-{s}", w, s)
+        if s is not None
+        else outbox_event(n, "custom_emoji.created", f"final-{w}", w)
+        for w, s in scopes
+    ]
+    async with db.transaction():
+        outbox_ids = await publish_many(db, events)
+    users = [n(u) for u in USERS]
+    readers = await readers_of(db, outbox_ids, users, [n(u) for u in ADMINS])
+    return {scope: readers[i] for scope, i in zip(scopes, outbox_ids, strict=True)}
+
+
+async def send_signals(run: Run, scopes: list[Scope], user: str) -> dict[int, bool]:
+    """`user` sends a signal to every scope; signal key (its scope's index) -> accepted."""
+    claims = {"system_role": "admin"} if user in ADMINS else {}
+    headers = bearer(run.n(user), **claims)
+
+    async def send(key: int, workspace: str, stream: str | None) -> bool:
+        scope = {"streamId": run.n(stream)} if stream else {"workspaceId": run.n(workspace)}
+        body = {"type": "probe", **scope, "data": {"key": key, "from": user}}
+        response = await run.http.post(
+            f"{run.gateway.url}/me/ephemeral", json=body, headers=headers
+        )
+        assert response.status_code in (202, 403), response.text
+        return response.status_code == 202
+
+    sent = await asyncio.gather(*(send(k, w, s) for k, (w, s) in enumerate(scopes)))
+    return dict(enumerate(sent))
+
+
+async def check_signals(run: Run, db: asyncpg.Connection, scenario: Scenario) -> None:
+    """Every signal is accepted exactly when its sender may read its scope, and reaches
+    exactly the others who may, as the reference says now."""
+    scopes = scopes_of(scenario)
+    readers = await readers_now(run, db, scopes)
+    accepted = dict(
+        zip(
+            USERS, await asyncio.gather(*(send_signals(run, scopes, u) for u in USERS)), strict=True
+        )
+    )
+    markers = [
+        {
+            "type": "marker",
+            "resource_type": "marker",
+            "action": "create",
+            "entity_id": f"marker-{user}",
+            "user_id": run.n(user),
+            "ephemeral": True,
+        }
+        for user in USERS
+    ]
+    response = await run.http.post(
+        f"{run.gateway.url}/publish",
+        json={"events": markers},
+        headers={"Authorization": f"Bearer {PUBLISH_TOKEN}"},
+    )
+    assert response.status_code == 202, response.text
+    for client in run.clients.values():
+        await client.wait_for(lambda c=client: bool(signals_of(c, "marker")), SIGNAL_TIMEOUT_S)
+    failures = []
+    for user, client in run.clients.items():
+        may_send = {k: run.n(user) in readers[scope] for k, scope in enumerate(scopes)}
+        if accepted[user] != may_send:
+            failures.append(f"{user} sent: accepted {accepted[user]}, reference {may_send}")
+        expected = sorted(
+            (sender, key)
+            for sender in USERS
+            for key, scope in enumerate(scopes)
+            if sender != user and accepted[sender][key] and run.n(user) in readers[scope]
+        )
+        got = sorted((d["data"]["from"], d["data"]["key"]) for d in signals_of(client, "probe"))
+        if got != expected:
+            failures.append(f"{user} received {got}, reference {expected} (scopes {scopes})")
+    assert not failures, "\n".join(failures)
+
+
+def signals_of(client: StreamClient, kind: str) -> list[dict[str, Any]]:
+    """The data of the `ephemeral` events of type `kind` the client received."""
+    found = [orjson.loads(e.data) for e in client.events if e.event == "ephemeral"]
+    return [d for d in found if d["type"] == kind]
+
+
 @pytest.fixture
 def gateway(processes: Processes) -> Gateway:
-    """One gateway with its relay for the whole test function (every example shares it)."""
-    return processes.gateway("--with-relay")
+    """One gateway with its relay for the whole test function (every example shares it); no
+    signal rate limit to speak of, and `POST /publish` on (for the signal markers)."""
+    env = {
+        "USERSTREAM_EPHEMERAL_RATE": "1000000",
+        "USERSTREAM_EPHEMERAL_BURST": "1000000",
+        "USERSTREAM_PUBLISH_TOKEN": PUBLISH_TOKEN,
+    }
+    return processes.gateway("--with-relay", env=env)
 
 
 @pytest.fixture
@@ -855,6 +978,7 @@ async def test_every_user_receives_exactly_the_events_the_sql_reference_allows(
         await run.connect()
         await run_scenario(run, db, brake, scenario)
         await check(run, db)
+        await check_signals(run, db, scenario)
     finally:
         await brake.release()
         await run.close()

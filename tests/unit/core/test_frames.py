@@ -12,11 +12,14 @@ from core.frames import (
     change_payload,
     encode_change,
     encode_close,
+    encode_ephemeral,
     encode_must_refetch,
     encode_offset,
+    encode_presence,
     encode_retry,
 )
 from tests.factories import make_event
+from tests.signal_readers import make_signal
 
 EVENT = make_event(data='{"text": "hello", "n": 1}', committed_at=1_795_000_000.5)
 """Position 42, `stream_event.created` of `ev1` in w1/s1 by u1 (`tests.factories.outbox_row`)."""
@@ -222,3 +225,46 @@ def test_frames_concatenate_into_one_stream() -> None:
     kinds = [m.get("event", m.get("comment", "retry")) for m in parse_sse(stream)]
 
     assert kinds == ["retry", "offset", "ping", "change"]
+
+
+def test_ephemeral_frame_bytes_have_no_id_line() -> None:
+    signal = make_signal(data='{"active":true}', actor_id="bob")
+    frame = encode_ephemeral(signal)
+
+    assert frame == (
+        b"event: ephemeral\n"
+        b'data: {"type":"typing","workspaceId":"w1","streamId":"s1","userId":"bob",'
+        b'"data":{"active":true},"at":"2026-12-05T10:00:00.123Z"}\n'
+        b"\n"
+    )
+    [message] = parse_sse(frame)
+    assert "id" not in message
+    assert orjson.loads(message["data"])["userId"] == "bob"
+
+
+def test_ephemeral_frame_of_a_signal_without_data_or_sender() -> None:
+    frame = encode_ephemeral(make_signal(data=None, actor_id=None, stream_id=None))
+    [message] = parse_sse(frame)
+    assert orjson.loads(message["data"]) == {
+        "type": "typing",
+        "workspaceId": "w1",
+        "streamId": None,
+        "userId": None,
+        "data": None,
+        "at": "2026-12-05T10:00:00.123Z",
+    }
+
+
+def test_presence_frame_bytes_have_no_id_line() -> None:
+    frame = encode_presence("w1", ("u1", "u2"), ("u3",))
+
+    assert frame == (
+        b'event: presence\ndata: {"workspaceId":"w1","online":["u1","u2"],"offline":["u3"]}\n\n'
+    )
+    [message] = parse_sse(frame)
+    assert "id" not in message
+    assert orjson.loads(encode_presence("w\n2", (), ("a\nb",)).split(b"data: ")[1]) == {
+        "workspaceId": "w\n2",
+        "online": [],
+        "offline": ["a\nb"],
+    }
