@@ -237,14 +237,6 @@ class Dispatcher:
         for transaction in _transactions(events):
             self._dispatch_transaction(transaction)
 
-    def flush_soon(self, subscriber: Subscriber) -> None:
-        """Flush `subscriber` once the current task step ends, together with every other
-        subscriber given frames in it: one write per socket per step, however many frames
-        (used for frames queued outside the fan-out, e.g. signals, sync/signals.py)."""
-        if not self._unflushed:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self._unflushed[subscriber] = None
-
     def flush(self) -> None:
         """Hand every subscriber given frames since the last flush its chunk."""
         unflushed, self._unflushed = self._unflushed, {}
