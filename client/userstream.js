@@ -486,12 +486,7 @@ class Connection {
   close() {
     this._closed = true;
     this._gen += 1;
-    clearTimeout(this._timer);
-    clearTimeout(this._refreshTimer);
-    this._drop(this._link);
-    this._drop(this._next);
-    this._link = null;
-    this._next = null;
+    this._dropLinks();
   }
 
   /** Reconnect at once unless live (the window's `online` event). */
@@ -505,6 +500,16 @@ class Connection {
     if (link) link.es.close();
   }
 
+  /** Stop the timers and close both connections (the live one and a renewal's). */
+  _dropLinks() {
+    clearTimeout(this._timer);
+    clearTimeout(this._refreshTimer);
+    this._drop(this._link);
+    this._drop(this._next);
+    this._link = null;
+    this._next = null;
+  }
+
   _setStatus(status, error) {
     if (this.status === status && this.error === error) return;
     this.status = status;
@@ -514,12 +519,7 @@ class Connection {
 
   async _connect() {
     const gen = ++this._gen;
-    clearTimeout(this._timer);
-    clearTimeout(this._refreshTimer);
-    this._drop(this._link);
-    this._drop(this._next);
-    this._link = null;
-    this._next = null;
+    this._dropLinks();
     this._setStatus("connecting");
     let token;
     try {

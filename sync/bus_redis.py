@@ -34,7 +34,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.backoff import EqualJitterBackoff, NoBackoff
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -43,6 +43,7 @@ from redis.typing import StreamEntry
 from core.signals import Signal
 from sync.bus import Batch
 from sync.presence import PresenceUpdate
+from sync.redis_retry import Outages
 from sync.signals_redis import (
     PRESENCE_CHANNEL_SUFFIX,
     SIGNALS_CHANNEL_SUFFIX,
@@ -83,12 +84,6 @@ CONNECT_TIMEOUT_S = 2.0
 SOCKET_TIMEOUT_MARGIN_S = 2.0
 """Seconds a reading socket waits past `block_ms` before it calls the connection dead."""
 
-RETRY_BASE_S = 0.05
-RETRY_CAP_S = 2.0
-"""A reader's pause after its n-th failure in a row, in s: a random value between half and all
-of min(RETRY_CAP_S, RETRY_BASE_S * 2**n) (redis-py `EqualJitterBackoff`)."""
-
-_MAX_BACKOFF_EXPONENT = 16
 _DUPLICATE_ID = "equal or smaller than the target stream top item"
 _TRANSPORT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -296,7 +291,8 @@ class RedisBus:
 
 class _StreamReader:
     """The state of one `RedisBus.read` iterator: its connection (made by `connect`), last
-    entry ID and failures in a row. Must be created inside a running event loop."""
+    entry ID and failures in a row (`sync.redis_retry.Outages`). Must be created inside a
+    running event loop."""
 
     def __init__(
         self,
@@ -311,15 +307,12 @@ class _StreamReader:
         self.last_id: bytes | str = last_id
         self._connect = connect
         self._client: aioredis.Redis | None = None
-        self._failures = 0
-        self._backoff = EqualJitterBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S)
-        self._closed = closed
-        self._closing = asyncio.ensure_future(closed.wait())
+        self._outages = Outages(closed, logger)
 
     @property
     def closed(self) -> bool:
         """True once the bus is closed."""
-        return self._closed.is_set()
+        return self._outages.closed.is_set()
 
     async def fetch(self) -> list[StreamEntry] | None:
         """The entries after `last_id` (an empty list when none came within block_ms), or
@@ -328,11 +321,11 @@ class _StreamReader:
             try:
                 entries = await self._xread()
             except (RedisError, OSError) as exc:
-                await self._back_off(exc)
+                await self._drop_client()
+                await self._outages.back_off(f"reading {self.key}", _describe(exc))
                 continue
-            if self._failures:
-                logger.info("reading %s again after %d failures", self.key, self._failures)
-                self._failures = 0
+            if failures := self._outages.recovered():
+                logger.info("reading %s again after %d failures", self.key, failures)
             last_id = entries[-1][0] if entries else None
             if last_id is not None:
                 self.last_id = last_id
@@ -341,38 +334,15 @@ class _StreamReader:
 
     async def aclose(self) -> None:
         """Stop watching the bus and close the connection."""
-        self._closing.cancel()
+        self._outages.close()
         await self._drop_client()
 
     async def _xread(self) -> list[StreamEntry]:
         if self._client is None:
             self._client = self._connect()
-        call = asyncio.ensure_future(
-            self._client.xread({self.key: self.last_id}, count=READ_COUNT, block=self.block_ms)
-        )
-        try:
-            await asyncio.wait({call, self._closing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not call.done():
-                call.cancel()
-                await asyncio.wait({call})
-        if call.cancelled():
-            return []
-        return _entries(call.result())
-
-    async def _back_off(self, exc: BaseException) -> None:
-        self._failures += 1
-        log = logger.warning if self._failures == 1 else logger.debug
-        log(
-            "reading %s failed (%d in a row), retrying: %s",
-            self.key,
-            self._failures,
-            _describe(exc),
-        )
-        await self._drop_client()
-        # Past RETRY_CAP_S the exponent no longer matters; bounding it keeps 2**n a small float.
-        delay_s = self._backoff.compute(min(self._failures, _MAX_BACKOFF_EXPONENT))
-        await asyncio.wait({self._closing}, timeout=delay_s)
+        read = self._client.xread({self.key: self.last_id}, count=READ_COUNT, block=self.block_ms)
+        response = await self._outages.until_closed(read)
+        return [] if response is None else _entries(response)
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None

@@ -27,13 +27,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
-from redis.backoff import EqualJitterBackoff, NoBackoff
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.signals import Signal
 from sync.presence import PresenceUpdate
+from sync.redis_retry import Outages
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +64,6 @@ SOCKET_TIMEOUT_S = 5.0
 """Seconds a write or a command reply (SUBSCRIBE, PING) may take on the subscription's
 connection. Reads of messages use `LISTEN_POLL_S` instead, which ends quietly."""
 
-RETRY_BASE_S = 0.05
-RETRY_CAP_S = 2.0
-"""Pause after the n-th failure in a row, in s: a random value between half and all of
-min(RETRY_CAP_S, RETRY_BASE_S * 2**n) (redis-py `EqualJitterBackoff`), as for batch readers."""
-
-_MAX_BACKOFF_EXPONENT = 16
 _TRANSPORT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -95,23 +90,21 @@ class ChannelListener:
     def __init__(self, url: str, channel: str, closed: asyncio.Event) -> None:
         self.url = url
         self.channel = channel
-        self._closed = closed
-        self._closing = asyncio.ensure_future(closed.wait())
         self._client: aioredis.Redis | None = None
         self._pubsub: PubSub | None = None
-        self._failures = 0
-        self._backoff = EqualJitterBackoff(cap=RETRY_CAP_S, base=RETRY_BASE_S)
+        self._outages = Outages(closed, logger)
         self._heard = 0.0
         self._pinged: float | None = None
 
     async def receive(self) -> bytes | None:
         """The payload of the next message on the channel, or None once closed. Transport
         errors and a silent connection are logged and retried with backoff."""
-        while not self._closed.is_set():
+        while not self._outages.closed.is_set():
             try:
                 payload = await self._receive_once()
             except (RedisError, OSError) as exc:
-                await self._back_off(exc)
+                await self._drop()
+                await self._outages.back_off(f"subscription to {self.channel}", _describe(exc))
                 continue
             if payload is not None:
                 return payload
@@ -119,13 +112,13 @@ class ChannelListener:
 
     async def aclose(self) -> None:
         """Stop watching for close and drop the connection."""
-        self._closing.cancel()
+        self._outages.close()
         await self._drop()
 
     async def _receive_once(self) -> bytes | None:
         loop = asyncio.get_running_loop()
         pubsub = self._pubsub if self._pubsub is not None else await self._subscribe()
-        message = await self._until_closed(pubsub.get_message(timeout=LISTEN_POLL_S))
+        message = await self._outages.until_closed(pubsub.get_message(timeout=LISTEN_POLL_S))
         now = loop.time()
         if message is not None:
             self._heard, self._pinged = now, None
@@ -133,7 +126,7 @@ class ChannelListener:
         if self._pinged is not None and now - self._pinged > PONG_TIMEOUT_S:
             raise RedisTimeoutError(f"no answer to PING within {PONG_TIMEOUT_S} s")
         if self._pinged is None and now - self._heard > WATCHDOG_IDLE_S:
-            await self._until_closed(pubsub.ping())
+            await self._outages.until_closed(pubsub.ping())
             self._pinged = now
         return None
 
@@ -145,41 +138,15 @@ class ChannelListener:
             retry=Retry(NoBackoff(), 0),
         )
         pubsub = self._pubsub = client.pubsub()
-        await self._until_closed(pubsub.subscribe(self.channel))
+        await self._outages.until_closed(pubsub.subscribe(self.channel))
         self._heard, self._pinged = asyncio.get_running_loop().time(), None
-        if self._failures:
+        if failures := self._outages.recovered():
             logger.info(
                 "subscribed to %s again after %d failures (messages meanwhile are lost)",
                 self.channel,
-                self._failures,
+                failures,
             )
-            self._failures = 0
         return pubsub
-
-    async def _until_closed(self, step: Any) -> Any:
-        """The result of awaiting `step`, or None when the bus closes first (`step` is then
-        cancelled)."""
-        call = asyncio.ensure_future(step)
-        try:
-            await asyncio.wait({call, self._closing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not call.done():
-                call.cancel()
-                await asyncio.wait({call})
-        return None if call.cancelled() else call.result()
-
-    async def _back_off(self, exc: BaseException) -> None:
-        self._failures += 1
-        log = logger.warning if self._failures == 1 else logger.debug
-        log(
-            "subscription to %s failed (%d in a row), subscribing again: %s",
-            self.channel,
-            self._failures,
-            _describe(exc),
-        )
-        await self._drop()
-        delay_s = self._backoff.compute(min(self._failures, _MAX_BACKOFF_EXPONENT))
-        await asyncio.wait({self._closing}, timeout=delay_s)
 
     async def _drop(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
