@@ -5,12 +5,18 @@ bearer token is refused even if a valid cookie is also sent): the `Authorization
 header, the `userstream_token` cookie, the `access_token` query parameter (for cross-origin
 EventSource, which cannot set headers; `gateway.logs` redacts it from every log line).
 Tokens must carry `sub` and `exp`. HS256 with a shared secret, or RS256/ES256 with a PEM
-public key (PyJWT).
+public key (PyJWT), or RS256/ES256/EdDSA with the key named by the token's `kid` in an
+identity provider's JWKS (`gateway.jwks`).
+
+`Authenticator` is the interface `/me/stream`, `/me/presence` and `/me/ephemeral` use;
+`make_authenticator` picks the implementation the settings configure.
 
 Operators and services present static tokens instead (`USERSTREAM_ADMIN_TOKEN` for
 `/admin/status`, `USERSTREAM_PUBLISH_TOKEN` for `/publish`), checked by `static_token_refusal`.
 """
 
+import abc
+import asyncio
 import hmac
 import time
 from dataclasses import dataclass
@@ -21,6 +27,7 @@ from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.jwks import JwksKeys
 from gateway.problems import problem
 from gateway.settings import Settings
 
@@ -42,8 +49,69 @@ class Principal:
     expires_at: float
 
 
-class Authenticator:
-    """Verifies tokens with the configured key. Raises ValueError when no key is configured."""
+class Authenticator(abc.ABC):
+    """How a request proves who it is. Implementations: `JwtAuthenticator` (a configured
+    key), `JwksAuthenticator` (keys from a JWKS URL); `make_authenticator` chooses."""
+
+    @abc.abstractmethod
+    async def authenticate(self, request: Request) -> Principal:
+        """The principal of a request. Raises AuthError (answered 401) when the request does
+        not prove a user."""
+
+    async def start(self) -> None:
+        """Prepare before the gateway serves (e.g. a first key fetch); never raises for an
+        unreachable dependency, which `readiness` reports instead."""
+        return None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Background work until `stop` is set (none by default)."""
+        return None
+
+    def readiness(self) -> tuple[bool, dict[str, object] | None]:
+        """(ready, report for `/readyz` or None): whether requests can be authenticated."""
+        return True, None
+
+    def mint(self, user_id: str, ttl_s: float = 3600, **claims: Any) -> str:
+        """A token for `user_id` (demo and `userstream token`). Raises ValueError unless the
+        implementation holds a signing secret."""
+        raise ValueError("minting needs USERSTREAM_JWT_SECRET (a public key cannot sign)")
+
+
+def make_authenticator(settings: Settings) -> Authenticator:
+    """The authenticator the settings configure: `JwksAuthenticator` with
+    `USERSTREAM_JWT_JWKS_URL`, else `JwtAuthenticator`. Raises ValueError when no key source
+    is configured."""
+    if settings.jwt_jwks_url is not None:
+        return JwksAuthenticator(settings)
+    return JwtAuthenticator(settings)
+
+
+def _decode(token: str, key: Any, algorithms: list[str], settings: Settings) -> Principal:
+    """Check one token's signature, `exp`, `sub` and the configured `aud`/`iss` (PyJWT).
+    Raises AuthError with the reason."""
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=algorithms,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+            leeway=settings.jwt_leeway_s,
+            options={"require": ["exp", "sub"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise AuthError("token expired") from None
+    except jwt.InvalidTokenError as exc:
+        raise AuthError(f"invalid token: {exc}") from None
+    subject = claims["sub"]
+    if not isinstance(subject, str) or not subject:
+        raise AuthError("invalid token: sub must be a non-empty string")
+    return Principal(subject, claims.get("system_role") == "admin", float(claims["exp"]))
+
+
+class JwtAuthenticator(Authenticator):
+    """Verifies tokens with the configured key: `USERSTREAM_JWT_SECRET` (HS256) or
+    `USERSTREAM_JWT_PUBLIC_KEY` (RS256/ES256). Raises ValueError when neither is set."""
 
     def __init__(self, settings: Settings) -> None:
         self._key: str
@@ -52,36 +120,19 @@ class Authenticator:
         elif settings.jwt_public_key is not None:
             self._key, self._algorithms = settings.jwt_public_key, ["RS256", "ES256"]
         else:
-            raise ValueError("set USERSTREAM_JWT_SECRET or USERSTREAM_JWT_PUBLIC_KEY")
-        self._audience = settings.jwt_audience
-        self._issuer = settings.jwt_issuer
-        self._leeway_s = settings.jwt_leeway_s
+            raise ValueError(
+                "set USERSTREAM_JWT_SECRET, USERSTREAM_JWT_PUBLIC_KEY or USERSTREAM_JWT_JWKS_URL"
+            )
+        self._settings = settings
 
-    def authenticate(self, request: Request) -> Principal:
+    async def authenticate(self, request: Request) -> Principal:
         """The principal of a request. Raises AuthError when the first credential present is
         missing, malformed, expired, badly signed, or lacks `sub` or `exp`."""
         return self.verify(_credential(request))
 
     def verify(self, token: str) -> Principal:
         """Decode and check one token. Raises AuthError with the reason."""
-        try:
-            claims = jwt.decode(
-                token,
-                self._key,
-                algorithms=self._algorithms,
-                audience=self._audience,
-                issuer=self._issuer,
-                leeway=self._leeway_s,
-                options={"require": ["exp", "sub"]},
-            )
-        except jwt.ExpiredSignatureError:
-            raise AuthError("token expired") from None
-        except jwt.InvalidTokenError as exc:
-            raise AuthError(f"invalid token: {exc}") from None
-        subject = claims["sub"]
-        if not isinstance(subject, str) or not subject:
-            raise AuthError("invalid token: sub must be a non-empty string")
-        return Principal(subject, claims.get("system_role") == "admin", float(claims["exp"]))
+        return _decode(token, self._key, self._algorithms, self._settings)
 
     def mint(self, user_id: str, ttl_s: float = 3600, **claims: Any) -> str:
         """A token for `user_id` valid `ttl_s` seconds (HS256 only: needs the shared secret).
@@ -89,10 +140,76 @@ class Authenticator:
         Raises ValueError when the gateway is configured with a public key.
         """
         if self._algorithms != ["HS256"]:
-            raise ValueError("minting needs USERSTREAM_JWT_SECRET (a public key cannot sign)")
+            return super().mint(user_id, ttl_s, **claims)
         now = int(time.time())
         payload = {"sub": user_id, "iat": now, "exp": now + int(ttl_s), **claims}
         return jwt.encode(payload, self._key, algorithm="HS256")
+
+
+class JwksAuthenticator(Authenticator):
+    """Verifies tokens with the key of the JWKS at `USERSTREAM_JWT_JWKS_URL` that the token
+    header's `kid` names (RS256, ES256, EdDSA; the key's algorithm must be the token's `alg`).
+    Keys are fetched, cached and refreshed by `gateway.jwks.JwksKeys`
+    (`USERSTREAM_JWKS_MIN_REFRESH_S`, `USERSTREAM_JWKS_REFRESH_S`,
+    `USERSTREAM_JWKS_TIMEOUT_S`). Raises ValueError without a JWKS URL."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.jwt_jwks_url is None:
+            raise ValueError("set USERSTREAM_JWT_JWKS_URL")
+        self.keys = JwksKeys(
+            settings.jwt_jwks_url,
+            min_refresh_s=settings.jwks_min_refresh_s,
+            refresh_s=settings.jwks_refresh_s,
+            timeout_s=settings.jwks_timeout_s,
+        )
+        self._settings = settings
+
+    async def start(self) -> None:
+        """Fetch the key set once (a failure is logged and reported by `/readyz`)."""
+        await self.keys.refresh()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Refresh the key set periodically until `stop` (`JwksKeys.run`)."""
+        await self.keys.run(stop)
+
+    def readiness(self) -> tuple[bool, dict[str, object] | None]:
+        """Ready once the JWKS was loaded; a later failed refresh is reported, not refused
+        (the keys already known keep verifying)."""
+        keys = self.keys
+        if not keys.loaded:
+            state = "never loaded"
+        else:
+            state = "ok" if keys.last_error is None else "refresh failing, known keys kept"
+        report: dict[str, object] = {
+            "jwks": state,
+            "kids": keys.kids(),
+            "loaded_at": keys.loaded_at,
+            "last_error": keys.last_error,
+        }
+        return keys.loaded, report
+
+    async def authenticate(self, request: Request) -> Principal:
+        """The principal of a request. Raises AuthError when the first credential present is
+        missing, malformed, names no known `kid`, is expired, badly signed, or lacks `sub`
+        or `exp`."""
+        return await self.verify(_credential(request))
+
+    async def verify(self, token: str) -> Principal:
+        """Decode and check one token, refreshing the keys for an unknown `kid` as
+        `JwksKeys.key` allows. Raises AuthError with the reason."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"invalid token: {exc}") from None
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise AuthError("invalid token: the header has no kid")
+        key = await self.keys.key(kid)
+        if key is None:
+            raise AuthError(f"invalid token: no signing key with kid {kid[:64]!r}")
+        if header.get("alg") != key.algorithm_name:
+            raise AuthError(f"invalid token: the key {kid[:64]!r} is for {key.algorithm_name}")
+        return _decode(token, key.key, [key.algorithm_name], self._settings)
 
 
 def _credential(request: Request) -> str:

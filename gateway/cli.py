@@ -26,7 +26,7 @@ import uvloop
 from core.schema.ingest import MODES, IngestUnavailable, Mode, set_ingest_mode
 from core.schema.migrations import migrate
 from gateway.admin import serve_metrics
-from gateway.auth import Authenticator
+from gateway.auth import JwtAuthenticator
 from gateway.logs import configure_logging
 from gateway.runtime import make_bus, make_relay
 from gateway.settings import Settings
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             asyncio.run(run_demo(settings, host=args.host, port=args.port, rate=args.rate))
         return
     if args.command == "token":
-        print(Authenticator(settings).mint(args.user, args.ttl, **_admin(args.admin)))
+        print(JwtAuthenticator(settings).mint(args.user, args.ttl, **_admin(args.admin)))
         return
     if not settings.database_url:
         sys.exit("DATABASE_URL is not set")

@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from core.schema.ingest import set_ingest_mode
 from core.schema.migrations import migrate
 from gateway.app import create_app
-from gateway.auth import Authenticator
+from gateway.auth import JwtAuthenticator
 from gateway.demo_page import DEMO_TOKEN_TTL_S
 from gateway.demo_world import DemoWorld, seed
 from gateway.embedded import EmbeddedPostgres, start_embedded_postgres
@@ -39,7 +39,7 @@ def demo_settings(settings: Settings, database_url: str) -> Settings:
 def banner(settings: Settings, world: DemoWorld, base_url: str, ingest: str) -> str:
     """The text printed once the demo listens: the page URL, the ingest mode
     (core/schema/ingest.py) and two curl commands."""
-    auth = Authenticator(settings)
+    auth = JwtAuthenticator(settings)
     lines = [
         "",
         f"userstream demo is live ({ingest} ingest): open {base_url}/demo in a browser,"

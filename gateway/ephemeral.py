@@ -80,7 +80,7 @@ async def send_ephemeral(request: Request) -> Response:
     """`POST /me/ephemeral`: see the module docstring for the request and every answer."""
     runtime: Runtime = request.app.state.runtime
     try:
-        principal = _authenticate(runtime, request)
+        principal = await _authenticate(runtime, request)
         _take_token(runtime, principal.user_id)
         body = parse_body(await _read_body(request))
         signal = await _route(runtime, principal, body)
@@ -104,9 +104,9 @@ async def send_signal(runtime: Runtime, signal: Signal) -> bool:
     return True
 
 
-def _authenticate(runtime: Runtime, request: Request) -> Principal:
+async def _authenticate(runtime: Runtime, request: Request) -> Principal:
     try:
-        return runtime.auth.authenticate(request)
+        return await runtime.auth.authenticate(request)
     except AuthError as exc:
         headers = {"WWW-Authenticate": 'Bearer realm="userstream"'}
         raise Refused("unauthorized", problem(401, str(exc), headers=headers)) from None

@@ -3,9 +3,11 @@
 Readiness checks Postgres (`SELECT 1`), the bus (`ping`) and reports the relay's lag (rows
 committed but not yet relayed, and the age of the oldest; in wal ingest mode the slot's flush
 lag, and the slot itself: `sync.relay.relay_status`) and this gateway's dispatch position.
-It answers 503 when Postgres or the bus is unreachable; a lagging relay or a slot holding WAL
-is reported, not refused: the gateway itself can serve, and turning every replica unready
-would only move the clients' reconnects onto nothing.
+It answers 503 when Postgres or the bus is unreachable, or while the authenticator cannot
+verify any token yet (a JWKS never loaded: `Authenticator.readiness`, reported as `auth`); a
+lagging relay, a slot holding WAL or a failing JWKS refresh (known keys still verify) is
+reported, not refused: the gateway itself can serve, and turning every replica unready would
+only move the clients' reconnects onto nothing.
 """
 
 import asyncio
@@ -26,7 +28,8 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> JSONResponse:
-    """200 with the checks when Postgres and the bus answer within 2 s, else 503."""
+    """200 with the checks when Postgres and the bus answer within 2 s and the authenticator
+    is ready, else 503."""
     runtime: Runtime = request.app.state.runtime
     body: dict[str, object] = {"position": format_cursor(runtime.dispatcher.position)}
     try:
@@ -41,6 +44,9 @@ async def readyz(request: Request) -> JSONResponse:
     except (TimeoutError, OSError, Exception) as exc:  # any failure means "not ready"
         body["postgres"] = f"unavailable: {type(exc).__name__}"
     body["bus"] = "ok" if await runtime.bus.ping() else "unavailable"
-    ready = body["postgres"] == "ok" and body["bus"] == "ok"
+    auth_ready, auth_report = runtime.auth.readiness()
+    if auth_report is not None:
+        body["auth"] = auth_report
+    ready = body["postgres"] == "ok" and body["bus"] == "ok" and auth_ready
     body["status"] = "ready" if ready else "unavailable"
     return JSONResponse(body, status_code=200 if ready else 503)

@@ -42,7 +42,7 @@ async def get_presence(request: Request) -> Response:
     """`GET /me/presence`: see the module docstring for the request and every answer."""
     runtime: Runtime = request.app.state.runtime
     try:
-        principal = runtime.auth.authenticate(request)
+        principal = await runtime.auth.authenticate(request)
     except AuthError as exc:
         return problem(401, str(exc), headers={"WWW-Authenticate": 'Bearer realm="userstream"'})
     presence = runtime.presence

@@ -29,7 +29,7 @@ from core.cursors import format_cursor
 from core.frames import encode_retry
 from core.schema.ingest import ingest_mode
 from core.types import Frame
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, make_authenticator
 from gateway.deadlines import SWEEP_INTERVAL_S, Deadlines
 from gateway.limits import ConnectionLimiter, TokenBuckets
 from gateway.settings import Settings
@@ -118,7 +118,7 @@ class Runtime:
         when Postgres is unreachable."""
         if not settings.database_url:
             raise ValueError("DATABASE_URL is not set")
-        auth = Authenticator(settings)
+        auth = make_authenticator(settings)
         pool = await asyncpg.create_pool(
             settings.database_url, min_size=1, max_size=settings.pool_max_size
         )
@@ -150,6 +150,8 @@ class Runtime:
         )
         async with pool.acquire() as conn:
             runtime.ingest = await ingest_mode(conn)
+        await auth.start()
+        runtime.spawn(auth.run(runtime.stop), "auth")
         await dispatcher.start()
         drain.install_signal_handlers()
         metrics.SEND_BUFFER_BYTES.set_function(

@@ -29,6 +29,20 @@ class Settings(BaseSettings):
     redis_prefix: str = Field("userstream:", description="Prefix of every Redis key.")
     jwt_secret: SecretStr | None = Field(None, description="HS256 shared secret.")
     jwt_public_key: str | None = Field(None, description="PEM public key for RS256/ES256.")
+    jwt_jwks_url: str | None = Field(
+        None,
+        description="JWKS URL of an identity provider: RS256/ES256/EdDSA keys chosen by the"
+        " token's `kid` (gateway.jwks).",
+    )
+    jwks_min_refresh_s: float = Field(
+        30.0,
+        gt=0,
+        description="Least seconds between JWKS fetches caused by an unknown `kid`.",
+    )
+    jwks_refresh_s: float = Field(
+        300.0, gt=0, description="Period of the background JWKS refresh, seconds."
+    )
+    jwks_timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of a JWKS fetch, seconds.")
     jwt_audience: str | None = Field(None, description="Required `aud` claim, if set.")
     jwt_issuer: str | None = Field(None, description="Required `iss` claim, if set.")
     jwt_leeway_s: float = Field(5.0, ge=0, description="Clock skew allowed on `exp`, seconds.")
@@ -153,6 +167,7 @@ class Settings(BaseSettings):
         "redis_url",
         "jwt_secret",
         "jwt_public_key",
+        "jwt_jwks_url",
         "admin_token",
         "publish_token",
         "metrics_port",
@@ -171,6 +186,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_key_kind(self) -> "Settings":
-        if self.jwt_secret is not None and self.jwt_public_key is not None:
-            raise ValueError("set USERSTREAM_JWT_SECRET or USERSTREAM_JWT_PUBLIC_KEY, not both")
+        sources = (self.jwt_secret, self.jwt_public_key, self.jwt_jwks_url)
+        if sum(source is not None for source in sources) > 1:
+            raise ValueError(
+                "set only one of USERSTREAM_JWT_SECRET, USERSTREAM_JWT_PUBLIC_KEY and"
+                " USERSTREAM_JWT_JWKS_URL"
+            )
         return self

@@ -244,7 +244,7 @@ async def me_stream(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
     try:
-        principal = runtime.auth.authenticate(request)
+        principal = await runtime.auth.authenticate(request)
     except AuthError as exc:
         return refused(401, str(exc), **{"WWW-Authenticate": 'Bearer realm="userstream"'})
     if runtime.drain.draining:

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import SecretStr
 
-from gateway.auth import Authenticator, AuthError
+from gateway.auth import AuthError, JwksAuthenticator, JwtAuthenticator, make_authenticator
 from gateway.settings import Settings
 
 SECRET = "unit-test-secret-long-enough-for-hs256"
@@ -19,7 +19,7 @@ def settings(**overrides: object) -> Settings:
 
 
 def test_minted_token_verifies_and_carries_admin_claim() -> None:
-    auth = Authenticator(settings())
+    auth = JwtAuthenticator(settings())
     principal = auth.verify(auth.mint("alice", 60, system_role="admin"))
     assert principal.user_id == "alice" and principal.admin
     assert principal.expires_at == pytest.approx(time.time() + 60, abs=5)
@@ -41,7 +41,7 @@ def test_tokens_without_valid_sub_or_exp_are_refused(
     if expires_in_s is not None:  # computed when the test runs, not when it is collected
         claims = {**claims, "exp": int(time.time()) + expires_in_s}
     with pytest.raises(AuthError, match=message):
-        Authenticator(settings()).verify(jwt.encode(claims, SECRET))
+        JwtAuthenticator(settings()).verify(jwt.encode(claims, SECRET))
 
 
 def test_token_signed_with_another_secret_is_refused() -> None:
@@ -50,13 +50,13 @@ def test_token_signed_with_another_secret_is_refused() -> None:
         "another-secret-that-is-long-enough-for-hs256",
     )
     with pytest.raises(AuthError, match="invalid token"):
-        Authenticator(settings()).verify(forged)
+        JwtAuthenticator(settings()).verify(forged)
 
 
 def test_alg_none_is_refused() -> None:
     unsigned = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, None, algorithm="none")
     with pytest.raises(AuthError, match="invalid token"):
-        Authenticator(settings()).verify(unsigned)
+        JwtAuthenticator(settings()).verify(unsigned)
 
 
 @pytest.mark.parametrize("kind", ["rsa", "ec"])
@@ -69,7 +69,7 @@ def test_public_key_verifies_rs256_and_es256(kind: str) -> None:
     pem = private.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    auth = Authenticator(Settings.model_validate({"jwt_public_key": pem.decode()}))
+    auth = JwtAuthenticator(Settings.model_validate({"jwt_public_key": pem.decode()}))
     algorithm = "RS256" if kind == "rsa" else "ES256"
     signed = jwt.encode(
         {"sub": "carol", "exp": int(time.time()) + 60}, private, algorithm=algorithm
@@ -80,7 +80,7 @@ def test_public_key_verifies_rs256_and_es256(kind: str) -> None:
 
 
 def test_audience_and_issuer_are_enforced_when_configured() -> None:
-    auth = Authenticator(settings(jwt_audience="app", jwt_issuer="core"))
+    auth = JwtAuthenticator(settings(jwt_audience="app", jwt_issuer="core"))
     good = jwt.encode(
         {"sub": "a", "exp": int(time.time()) + 60, "aud": "app", "iss": "core"}, SECRET
     )
@@ -95,9 +95,20 @@ def test_audience_and_issuer_are_enforced_when_configured() -> None:
 
 def test_no_key_configured_is_a_configuration_error() -> None:
     with pytest.raises(ValueError, match="USERSTREAM_JWT_SECRET"):
-        Authenticator(Settings.model_validate({}))
+        JwtAuthenticator(Settings.model_validate({}))
 
 
 def test_secret_and_public_key_together_are_refused() -> None:
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="only one of"):
         Settings.model_validate({"jwt_secret": "s", "jwt_public_key": "k"})
+
+
+def test_jwks_url_with_another_key_source_is_refused() -> None:
+    with pytest.raises(ValueError, match="only one of"):
+        Settings.model_validate({"jwt_public_key": "k", "jwt_jwks_url": "http://idp/jwks"})
+
+
+def test_jwks_url_selects_the_jwks_authenticator() -> None:
+    auth = make_authenticator(Settings.model_validate({"jwt_jwks_url": "http://idp/jwks"}))
+    assert isinstance(auth, JwksAuthenticator)
+    assert isinstance(make_authenticator(settings()), JwtAuthenticator)
