@@ -42,7 +42,7 @@ chromium:
 
 test: lint chromium
 	node --test client/test/
-	USERSTREAM_PROPERTY_EXAMPLES=100 $(BIN)/pytest
+	USERSTREAM_PROPERTY_EXAMPLES=60 $(BIN)/pytest
 	USERSTREAM_TEST_INGEST=trigger USERSTREAM_PROPERTY_EXAMPLES=50 $(BIN)/pytest $(TRIGGER_SUITE) \
 		$(TRIGGER_SKIPS)
 
