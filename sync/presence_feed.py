@@ -41,7 +41,6 @@ those that do not go offline when its heartbeat expires.
 """
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -57,6 +56,7 @@ from sync.dispatcher import Dispatcher
 from sync.presence import Announcement, PresenceBook
 from sync.signals import keep_reading
 from sync.subscribers import Subscriber
+from sync.waits import wait_any
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class PresenceFeed:
     async def _tick_loop(self, stop: asyncio.Event) -> None:
         next_tick = self._clock() + self.interval_s
         while not stop.is_set():
-            await _wait_any(stop, self._wake, timeout_s=next_tick - self._clock())
+            await wait_any((stop, self._wake), next_tick - self._clock())
             if stop.is_set():
                 return
             self._wake.clear()
@@ -200,7 +200,7 @@ class PresenceFeed:
             if self._failures:
                 backoff_s = HEARTBEAT_RETRY_BASE_S * 2 ** min(self._failures - 1, 16)
                 pause_s = min(period_s, backoff_s) * (1 - random.random() / 2)
-            await _wait_any(stop, timeout_s=pause_s)
+            await wait_any((stop,), pause_s)
             if stop.is_set():
                 return
             try:
@@ -268,17 +268,3 @@ class _Sending:
                 dispatcher.cut_off(subscriber)
         metrics.PRESENCE_FRAMES.inc(self.sent)
         return self.sent
-
-
-async def _wait_any(*events: asyncio.Event, timeout_s: float) -> None:
-    """Return once any of `events` is set, or after `timeout_s` seconds (now if <= 0)."""
-    if timeout_s <= 0 or any(e.is_set() for e in events):
-        return
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*waiters, return_exceptions=True)

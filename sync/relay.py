@@ -45,7 +45,6 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +61,7 @@ from sync.faults import SERVICE_FAULTS
 from sync.outbox import Page, read_page, record_dead_letters
 from sync.replication import REPLICATION_FAULTS
 from sync.retention import Pruner
+from sync.waits import wait_any
 from sync.wal import PgConnection, WalIngest
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class OutboxRelay:
                         await self._relay_until(stop)
                 except Exception as exc:
                     delay = await self._recover(exc)
-                    await _wait_any((stop,), delay)
+                    await wait_any((stop,), delay)
         finally:
             await self.close()
 
@@ -190,7 +190,7 @@ class OutboxRelay:
             if await self.lead():
                 return True
             self._failures = 0
-            await _wait_any((stop,), self.standby_retry_s)
+            await wait_any((stop,), self.standby_retry_s)
         return False
 
     async def _relay_until(self, stop: asyncio.Event) -> None:
@@ -200,7 +200,7 @@ class OutboxRelay:
             more = await self.prune_once()
             self._failures = 0
             if self.wal is None and rows < self.batch_size and not more:
-                await _wait_any((stop, self._wake), self.poll_interval_s)
+                await wait_any((stop, self._wake), self.poll_interval_s)
         if self.wal is not None:
             await self.wal.flush()
 
@@ -533,16 +533,3 @@ async def relay_status(conn: Connection, name: str = "default") -> dict[str, obj
             "lag_bytes": slot.lag_bytes,
         },
     }
-
-
-async def _wait_any(events: Sequence[asyncio.Event], timeout_s: float) -> None:
-    """Return when one of `events` is set or after `timeout_s` seconds, whichever is first."""
-    if any(event.is_set() for event in events):
-        return
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)

@@ -17,7 +17,6 @@ window and no resume replays one.
 """
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from sync import metrics
 from sync.bus import Bus
 from sync.dispatcher import Dispatcher
 from sync.subscribers import Subscriber
+from sync.waits import wait_any
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,7 @@ async def keep_reading(
             logger.warning("reading %s failed: %r", what, reader.exception())
         pause_s = delay_s * (1 + random.random())
         delay_s = min(delay_s * 2, RESTART_CAP_S)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), pause_s)
+        await wait_any((stop,), pause_s)
 
 
 FLUSH_DELAY_S = 0.005

@@ -5,6 +5,8 @@ at teardown."""
 import asyncio
 import contextlib
 
+import pytest
+
 from core.events import Event
 from sync.bus import Batch, Bus
 
@@ -65,3 +67,11 @@ class Reader:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
+
+
+async def wait_for_record(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    """Wait until a log record containing `text` was emitted (fails after WAIT_S)."""
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not any(text in record.getMessage() for record in caplog.records):
+        assert asyncio.get_running_loop().time() < deadline, f"no log record with {text!r}"
+        await asyncio.sleep(0.01)

@@ -12,9 +12,7 @@ import itertools
 
 from core.signals import Signal
 from sync.bus import Bus
-
-WAIT_S = 10.0
-"""How long a test waits for a signal before it fails (not a timing check)."""
+from tests.bus_readers import WAIT_S
 
 PROBE_TYPE = "test.probe"
 """`type` of the signals `subscribed` publishes."""

@@ -4,7 +4,6 @@ which the dispatcher fills from Postgres). Each test owns a throwaway server
 (`tests.services.RedisProcess`), so killing or flushing it touches nothing else.
 """
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -12,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from sync.bus_redis import RedisBus
-from tests.bus_readers import WAIT_S, Reader
+from tests.bus_readers import Reader, wait_for_record
 from tests.factories import batch
 from tests.services import RedisProcess
 
@@ -31,14 +30,6 @@ async def bus(server: RedisProcess) -> AsyncIterator[RedisBus]:
     bus = RedisBus(server.url, PREFIX, max_batches=100, block_ms=200)
     yield bus
     await bus.close()
-
-
-async def wait_for_record(caplog: pytest.LogCaptureFixture, text: str) -> None:
-    """Wait until a log record containing `text` was emitted (fails after WAIT_S)."""
-    deadline = asyncio.get_running_loop().time() + WAIT_S
-    while not any(text in record.getMessage() for record in caplog.records):
-        assert asyncio.get_running_loop().time() < deadline, f"no log record with {text!r}"
-        await asyncio.sleep(0.01)
 
 
 async def test_reader_survives_a_redis_restart_and_gets_later_batches(

@@ -15,8 +15,9 @@ import redis.asyncio as aioredis
 
 from sync import signals_redis
 from sync.bus_redis import RedisBus
+from tests.bus_readers import wait_for_record
 from tests.services import RedisProcess
-from tests.signal_readers import WAIT_S, SignalReader, make_signal, subscribed
+from tests.signal_readers import SignalReader, make_signal, subscribed
 
 PREFIX = "ustest:signal-faults:"
 
@@ -40,14 +41,6 @@ async def reader(bus: RedisBus) -> AsyncIterator[SignalReader]:
     reader = SignalReader(bus)
     yield reader
     await reader.stop()
-
-
-async def wait_for_record(caplog: pytest.LogCaptureFixture, text: str) -> None:
-    """Wait until a log record containing `text` was emitted (fails after WAIT_S)."""
-    deadline = asyncio.get_running_loop().time() + WAIT_S
-    while not any(text in record.getMessage() for record in caplog.records):
-        assert asyncio.get_running_loop().time() < deadline, f"no log record with {text!r}"
-        await asyncio.sleep(0.01)
 
 
 async def test_subscription_survives_a_redis_restart_and_gets_later_signals(
