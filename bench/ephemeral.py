@@ -30,7 +30,6 @@ from typing import Any
 
 from bench.loadclient import LoadResult, PresenceStats
 from bench.scenarios import (
-    MIB,
     STORM_COLUMNS,
     Context,
     RateDriver,
@@ -40,6 +39,7 @@ from bench.scenarios import (
     Setup,
     Sizes,
     cpu_seconds,
+    drive,
     judge,
     load_row,
     on_target,
@@ -218,27 +218,10 @@ async def signals_step(
         )  # fmt: skip
         await wait_measuring(phase, load)
     await wait_quiet(target, load, warmup - 1.0)
-    stop = asyncio.Event()
     driver = RateDriver(target, "broadcast", rate, readers, sizes.signals_body_bytes, send=send)
-    cpu_before, started = cpu_seconds(target.server_pids()), time.monotonic()
-    server = ServerWatch(target)
-    publisher = asyncio.create_task(driver.run(stop))
-    sampler = asyncio.create_task(server.run(stop))
-    try:
-        result = await load
-    finally:
-        stop.set()
-        await publisher
-        await sampler
-    cpu = (cpu_seconds(target.server_pids()) - cpu_before) / (time.monotonic() - started)
+    result, _, figures = await drive(target, driver, load, ServerWatch(target))
     row = signal_row(result, readers, rate)
-    row.update(
-        rate=rate,
-        published_per_s=driver.sent / driver.elapsed_s if driver.elapsed_s else 0.0,
-        publish_max_ms=driver.max_call_ms,
-        server_cpu=cpu,
-        peak_rss_mib=server.peak_rss / MIB,
-    )
+    row.update(figures, rate=rate)
     row["verdict"] = judge(row, row["expected_per_s"])
     if driver.error:  # sending stopped: the gateway did not keep up with the POSTs either
         row["publish_error"] = driver.error

@@ -427,12 +427,28 @@ async def publish_run(ctx: Context, target: Target, paths: list[str], step: Step
             )
         )  # fmt: skip
         await wait_measuring(phase, load)
-    stop = asyncio.Event()
     driver = RateDriver(target, step.scope, step.rate, step.users, step.body_bytes)
-    cpu_before = cpu_seconds(target.server_pids())
-    started = time.monotonic()
-    server = ServerWatch(target, port)
     counting_ends = time.monotonic() + step.warmup_s + step.duration_s - 1.0
+    result, server, figures = await drive(target, driver, load, ServerWatch(target, port))
+    row = load_row(result)
+    row.update(figures, rate=step.rate, server_closed=server.server_closed(counting_ends))
+    if driver.error:
+        row["error"] = driver.error
+    return row
+
+
+async def drive(
+    target: Target,
+    driver: "RateDriver",
+    load: "asyncio.Task[LoadResult]",
+    server: ServerWatch,
+) -> tuple[LoadResult, ServerWatch, Row]:
+    """Publish with `driver` and sample the server with `server` until the load client `load`
+    returns; then the client's result, the watch, and the sending and server figures:
+    `published_per_s`, `publish_max_ms` (the slowest publish call), `server_cpu` (CPU s/s
+    meanwhile), `peak_rss_mib`."""
+    stop = asyncio.Event()
+    cpu_before, started = cpu_seconds(target.server_pids()), time.monotonic()
     publisher = asyncio.create_task(driver.run(stop))
     sampler = asyncio.create_task(server.run(stop))
     try:
@@ -442,18 +458,13 @@ async def publish_run(ctx: Context, target: Target, paths: list[str], step: Step
         await publisher
         await sampler
     cpu = (cpu_seconds(target.server_pids()) - cpu_before) / (time.monotonic() - started)
-    row = load_row(result)
-    row.update(
-        rate=step.rate,
-        published_per_s=driver.sent / driver.elapsed_s if driver.elapsed_s else 0.0,
-        publish_max_ms=driver.max_call_ms,
-        server_cpu=cpu,
-        peak_rss_mib=server.peak_rss / MIB,
-        server_closed=server.server_closed(counting_ends),
-    )
-    if driver.error:
-        row["error"] = driver.error
-    return row
+    figures: Row = {
+        "published_per_s": driver.sent / driver.elapsed_s if driver.elapsed_s else 0.0,
+        "publish_max_ms": driver.max_call_ms,
+        "server_cpu": cpu,
+        "peak_rss_mib": server.peak_rss / MIB,
+    }
+    return result, server, figures
 
 
 def load_row(result: LoadResult) -> Row:
