@@ -55,8 +55,9 @@
  *   (aborted once the status line is read): 401 gets a new token and one retry, then "offline";
  *   429, 5xx and network loss back off with full jitter (AWS Architecture Blog "Exponential
  *   Backoff And Jitter": delay = random(0, min(cap, base * 2^attempt))), Retry-After being a lower
- *   bound; other answers go "offline". `close` frames: `token_expired` reconnects at once with a
- *   new token; other reasons let EventSource reconnect after the `retry:` the server sent with
+ *   bound; other answers go "offline". `close` frames: `token_expired` and `unauthorized` (a
+ *   revoked session) reconnect at once with a new token (or the cookie as it is now); other
+ *   reasons let EventSource reconnect after the `retry:` the server sent with
  *   the frame (README "Close reasons"). The window's `online` event reconnects at once.
  * - Tokens are sent as the `access_token` query parameter and renewed `refreshBeforeExpS` before
  *   their `exp` claim (RFC 7519 §4.1.4): a second connection opens from the last cursor and the
@@ -596,9 +597,9 @@ class Connection {
       this._next = null;
       return;
     }
-    if (reason === "token_expired") {
-      // The old token now gets 401, which would end the EventSource for good: new token, new
-      // EventSource from the last cursor, at once.
+    if (reason === "token_expired" || reason === "unauthorized") {
+      // The old token (or session) now gets 401, which would end the EventSource for good: new
+      // token, new EventSource from the last cursor, at once; a second 401 goes "offline".
       this._forceToken = true;
       this._connect();
     }

@@ -9,7 +9,8 @@ public key (PyJWT), or RS256/ES256/EdDSA with the key named by the token's `kid`
 identity provider's JWKS (`gateway.jwks`).
 
 `Authenticator` is the interface `/me/stream`, `/me/presence` and `/me/ephemeral` use;
-`make_authenticator` picks the implementation the settings configure.
+`gateway.runtime.make_authenticator` picks the implementation the settings configure: one of
+the two here, or `gateway.forward_auth.ForwardAuthenticator`, which asks the core API instead.
 
 Operators and services present static tokens instead (`USERSTREAM_ADMIN_TOKEN` for
 `/admin/status`, `USERSTREAM_PUBLISH_TOKEN` for `/publish`), checked by `static_token_refusal`.
@@ -36,27 +37,60 @@ QUERY_PARAMETER = "access_token"
 
 
 class AuthError(Exception):
-    """Authentication failed; the message says why (it becomes the 401 `detail`)."""
+    """Authentication failed; the message says why (it becomes the `detail` of the answer:
+    `status` 401 with `headers`)."""
+
+    status = 401
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers of the problem answer (RFC 9110 §11.6.1: a 401 names its scheme)."""
+        return {"WWW-Authenticate": 'Bearer realm="userstream"'}
+
+
+class AuthUnavailable(AuthError):
+    """Who the request is could not be decided now (an auth service that is down or slow):
+    answered 503 with `Retry-After: retry_after_s` (seconds), never with an open stream."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """`Retry-After` (RFC 9110 §10.2.3), in seconds."""
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
     """An authenticated user: `user_id` from `sub`, `admin` from `system_role: "admin"`,
-    `expires_at` from `exp` (epoch seconds)."""
+    `expires_at` from `exp` (epoch seconds; `math.inf` when the credential does not expire).
+    `credential` names the credential for re-checks of open streams (`Authenticator.recheck`;
+    a hash, never the credential itself), None where nothing is re-checked."""
 
     user_id: str
     admin: bool
     expires_at: float
+    credential: str | None = None
 
 
 class Authenticator(abc.ABC):
     """How a request proves who it is. Implementations: `JwtAuthenticator` (a configured
-    key), `JwksAuthenticator` (keys from a JWKS URL); `make_authenticator` chooses."""
+    key), `JwksAuthenticator` (keys from a JWKS URL), `gateway.forward_auth.
+    ForwardAuthenticator` (the core API decides); `gateway.runtime.make_authenticator`
+    chooses."""
+
+    recheck_every_s: float | None = None
+    """How often the runtime calls `recheck` with the credentials of the open streams,
+    seconds; None: never (a token's validity is its `exp`, which the deadline sweep enforces)."""
 
     @abc.abstractmethod
     async def authenticate(self, request: Request) -> Principal:
         """The principal of a request. Raises AuthError (answered 401) when the request does
-        not prove a user."""
+        not prove a user, AuthUnavailable (answered 503) when that cannot be decided now."""
 
     async def start(self) -> None:
         """Prepare before the gateway serves (e.g. a first key fetch); never raises for an
@@ -71,19 +105,20 @@ class Authenticator(abc.ABC):
         """(ready, report for `/readyz` or None): whether requests can be authenticated."""
         return True, None
 
+    async def recheck(self, credentials: set[str]) -> dict[str, Principal | None]:
+        """Fresh decisions about the `credential`s of open streams, for those due: a
+        Principal (the stream goes on, until its `expires_at`), or None (revoked: the stream
+        ends with `event: close` `unauthorized`). Keys left out are unchanged."""
+        return {}
+
+    async def close(self) -> None:
+        """Release what the authenticator holds (connections) when the gateway stops."""
+        return None
+
     def mint(self, user_id: str, ttl_s: float = 3600, **claims: Any) -> str:
         """A token for `user_id` (demo and `userstream token`). Raises ValueError unless the
         implementation holds a signing secret."""
         raise ValueError("minting needs USERSTREAM_JWT_SECRET (a public key cannot sign)")
-
-
-def make_authenticator(settings: Settings) -> Authenticator:
-    """The authenticator the settings configure: `JwksAuthenticator` with
-    `USERSTREAM_JWT_JWKS_URL`, else `JwtAuthenticator`. Raises ValueError when no key source
-    is configured."""
-    if settings.jwt_jwks_url is not None:
-        return JwksAuthenticator(settings)
-    return JwtAuthenticator(settings)
 
 
 def _decode(token: str, key: Any, algorithms: list[str], settings: Settings) -> Principal:

@@ -1,12 +1,15 @@
 """Each open stream's deadlines, checked by one sweep a second rather than timers per stream.
 
-Two deadlines per stream:
+Three deadlines per stream:
 - send timeout: a stream whose socket accepts nothing for `send_timeout_s` while data waits is
   ended (PROTOCOL.md §4 Isolation: a client that stopped reading must not hold the gateway's
   memory or a task forever). Each write records when it began (`Stream.writing_since`, one
   clock read) and clears it when the socket took the bytes;
 - token expiry: at its token's `exp` a stream ends with `event: close` `token_expired`
-  (PROTOCOL.md §3).
+  (PROTOCOL.md §3);
+- credential re-check (forward auth): `credentials` gives the runtime what to ask the auth
+  service again, and `apply` ends the streams of a revoked credential with `event: close`
+  `unauthorized` and moves the expiry of a renewed one.
 
 `Deadlines.sweep`, run every `SWEEP_INTERVAL_S` by the runtime, acts on both. An
 `asyncio.timeout` around each write cost 8 % of a saturated gateway's CPU in the broadcast
@@ -14,7 +17,10 @@ benchmark, and a `call_later` handle per stream 0.6 KB of its memory (bench/RESU
 """
 
 import time
+from collections.abc import Mapping
 from typing import Protocol
+
+from gateway.auth import Principal
 
 SWEEP_INTERVAL_S = 1.0
 """How often `sweep` runs, seconds: a deadline is acted on within this much after it passed."""
@@ -31,12 +37,19 @@ class Stream(Protocol):
     """`time.monotonic()` when the write in flight began, seconds; 0.0 while none is."""
     expires_at: float
     """When the stream's token expires, epoch seconds."""
+    user_id: str
+    """Whose stream it is."""
+    credential: str | None
+    """The key of the credential it was opened with (`Principal.credential`), if re-checked."""
 
     def abort(self, reason: str) -> None:
         """End the stream now with `reason` (the write in flight is cancelled)."""
 
     def expire(self) -> None:
         """End the stream with `event: close` `token_expired` (once; later calls do nothing)."""
+
+    def revoke(self) -> None:
+        """End the stream with `event: close` `unauthorized` (once; later calls do nothing)."""
 
 
 class Deadlines:
@@ -62,6 +75,28 @@ class Deadlines:
     def discard(self, stream: Stream) -> None:
         """Stop watching `stream` (unknown streams are ignored)."""
         self._streams.discard(stream)
+
+    def credentials(self) -> set[str]:
+        """The credential keys of the streams opened with one (`Stream.credential`)."""
+        return {s.credential for s in self._streams if s.credential is not None}
+
+    def apply(self, verdicts: Mapping[str, Principal | None]) -> int:
+        """Act on fresh decisions about credentials (`Authenticator.recheck`): `revoke` every
+        stream whose credential is refused (None) or now names another user; move the expiry
+        of the others to the principal's. Returns how many streams were revoked."""
+        revoked = 0
+        for stream in list(self._streams):
+            key = stream.credential
+            if key is None or key not in verdicts:
+                continue
+            principal = verdicts[key]
+            if principal is None or principal.user_id != stream.user_id:
+                self._streams.discard(stream)
+                stream.revoke()
+                revoked += 1
+            else:
+                stream.expires_at = principal.expires_at
+        return revoked
 
     def sweep(self, monotonic: float | None = None, epoch: float | None = None) -> int:
         """Abort with `SEND_TIMEOUT` every stream whose write in flight began `send_timeout_s`

@@ -42,7 +42,7 @@ from core.signals import (
     signal_data_text,
     signal_time,
 )
-from gateway.auth import AuthError, Principal
+from gateway.auth import AuthError, AuthUnavailable, Principal
 from gateway.limits import retry_after_s
 from gateway.problems import problem
 from gateway.runtime import Runtime
@@ -107,9 +107,10 @@ async def send_signal(runtime: Runtime, signal: Signal) -> bool:
 async def _authenticate(runtime: Runtime, request: Request) -> Principal:
     try:
         return await runtime.auth.authenticate(request)
+    except AuthUnavailable as exc:
+        raise Refused("unavailable", problem(503, str(exc), headers=exc.headers)) from None
     except AuthError as exc:
-        headers = {"WWW-Authenticate": 'Bearer realm="userstream"'}
-        raise Refused("unauthorized", problem(401, str(exc), headers=headers)) from None
+        raise Refused("unauthorized", problem(401, str(exc), headers=exc.headers)) from None
 
 
 def _take_token(runtime: Runtime, user_id: str) -> None:

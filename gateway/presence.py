@@ -44,7 +44,7 @@ async def get_presence(request: Request) -> Response:
     try:
         principal = await runtime.auth.authenticate(request)
     except AuthError as exc:
-        return problem(401, str(exc), headers={"WWW-Authenticate": 'Bearer realm="userstream"'})
+        return problem(exc.status, str(exc), headers=exc.headers)
     presence = runtime.presence
     if presence is None:
         return problem(404, "presence is off on this gateway (USERSTREAM_PRESENCE=false)")

@@ -5,7 +5,8 @@ signal fan-out (PROTOCOL.md §5, `sync.signals`) with its sweep of senders' acce
 rate buckets, the keep-alive pass, the deadline sweep (`gateway.deadlines`), the replica
 status report, presence (PROTOCOL.md §5, `sync.presence_feed`, unless `presence` is off), the
 shutdown drain (`gateway.shutdown`) and, in one-process mode or with `with_relay`, an outbox
-relay as tasks; `close()` stops them in reverse order: tasks, bus, pool (arq's `close()`).
+relay as tasks; `close()` stops them in reverse order: tasks, bus, authenticator, pool (arq's
+`close()`).
 """
 
 import asyncio
@@ -29,8 +30,9 @@ from core.cursors import format_cursor
 from core.frames import encode_retry
 from core.schema.ingest import ingest_mode
 from core.types import Frame
-from gateway.auth import Authenticator, make_authenticator
+from gateway.auth import Authenticator, JwksAuthenticator, JwtAuthenticator
 from gateway.deadlines import SWEEP_INTERVAL_S, Deadlines
+from gateway.forward_auth import ForwardAuthenticator
 from gateway.limits import ConnectionLimiter, TokenBuckets
 from gateway.settings import Settings
 from gateway.shutdown import Drain
@@ -60,6 +62,17 @@ def make_bus(settings: Settings) -> Bus:
             settings.redis_url, settings.redis_prefix, max_batches=settings.bus_max_batches
         )
     return InProcessBus(max_batches=settings.bus_max_batches)
+
+
+def make_authenticator(settings: Settings) -> Authenticator:
+    """The authenticator the settings configure: `ForwardAuthenticator` with
+    `USERSTREAM_AUTH_URL`, `JwksAuthenticator` with `USERSTREAM_JWT_JWKS_URL`, else
+    `JwtAuthenticator`. Raises ValueError when no key source is configured."""
+    if settings.auth_url is not None:
+        return ForwardAuthenticator(settings)
+    if settings.jwt_jwks_url is not None:
+        return JwksAuthenticator(settings)
+    return JwtAuthenticator(settings)
 
 
 def retry_frame(settings: Settings) -> Frame:
@@ -152,6 +165,8 @@ class Runtime:
             runtime.ingest = await ingest_mode(conn)
         await auth.start()
         runtime.spawn(auth.run(runtime.stop), "auth")
+        if auth.recheck_every_s is not None:
+            runtime.spawn(runtime.every(auth.recheck_every_s, runtime.recheck), "auth-recheck")
         await dispatcher.start()
         drain.install_signal_handlers()
         metrics.SEND_BUFFER_BYTES.set_function(
@@ -195,6 +210,14 @@ class Runtime:
         metrics.PRESENCE_ONLINE_USERS.set_function(feed.book.connected_users)
         metrics.PRESENCE_ONLINE_PAIRS.set_function(feed.book.pair_count)
         self.spawn(feed.run(self.stop), "presence")
+
+    async def recheck(self) -> None:
+        """Re-check the credentials of the open streams (`Authenticator.recheck`): a revoked
+        one ends its streams with `event: close` `unauthorized`, a renewed one moves their
+        expiry."""
+        verdicts = await self.auth.recheck(self.deadlines.credentials())
+        if verdicts:
+            self.deadlines.apply(verdicts)
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run `work` as a task until `close()`."""
@@ -244,7 +267,8 @@ class Runtime:
         await self.bus.put_status(self.replica, body, 3 * self.settings.status_interval_s)
 
     async def close(self) -> None:
-        """Stop the tasks (5 s grace, then cancel), close the bus, then the pool."""
+        """Stop the tasks (5 s grace, then cancel), close the bus, the authenticator's
+        connections, then the pool."""
         self.stop.set()
         if self.tasks:
             _, pending = await asyncio.wait(self.tasks, timeout=5)
@@ -253,4 +277,5 @@ class Runtime:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.bus.close()
+        await self.auth.close()
         await self.pool.close()

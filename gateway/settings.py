@@ -43,6 +43,35 @@ class Settings(BaseSettings):
         300.0, gt=0, description="Period of the background JWKS refresh, seconds."
     )
     jwks_timeout_s: float = Field(5.0, gt=0, description="HTTP timeout of a JWKS fetch, seconds.")
+    auth_url: str | None = Field(
+        None,
+        description="Forward auth: URL the core API answers `who is this?` at, sent each new"
+        " stream's Cookie and Authorization headers (gateway.forward_auth); replaces the JWT"
+        " settings.",
+    )
+    auth_timeout_s: float = Field(
+        2.0, gt=0, description="Forward auth: time the upstream has to answer, seconds."
+    )
+    auth_cache_s: float = Field(
+        30.0,
+        ge=0,
+        description="Forward auth: seconds an admission is reused for the same credential.",
+    )
+    auth_failure_cache_s: float = Field(
+        5.0,
+        ge=0,
+        description="Forward auth: seconds a refusal (401/403) is reused for the same"
+        " credential; at most `auth_cache_s`.",
+    )
+    auth_revalidate_s: float = Field(
+        60.0,
+        gt=0,
+        description="Forward auth: open streams' credentials are asked again after this many"
+        " seconds; a refused one ends its streams with `event: close` `unauthorized`.",
+    )
+    auth_max_connections: int = Field(
+        100, gt=0, description="Forward auth: most connections to the upstream at once."
+    )
     jwt_audience: str | None = Field(None, description="Required `aud` claim, if set.")
     jwt_issuer: str | None = Field(None, description="Required `iss` claim, if set.")
     jwt_leeway_s: float = Field(5.0, ge=0, description="Clock skew allowed on `exp`, seconds.")
@@ -168,6 +197,7 @@ class Settings(BaseSettings):
         "jwt_secret",
         "jwt_public_key",
         "jwt_jwks_url",
+        "auth_url",
         "admin_token",
         "publish_token",
         "metrics_port",
@@ -186,10 +216,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _one_key_kind(self) -> "Settings":
-        sources = (self.jwt_secret, self.jwt_public_key, self.jwt_jwks_url)
+        sources = (self.jwt_secret, self.jwt_public_key, self.jwt_jwks_url, self.auth_url)
         if sum(source is not None for source in sources) > 1:
             raise ValueError(
-                "set only one of USERSTREAM_JWT_SECRET, USERSTREAM_JWT_PUBLIC_KEY and"
-                " USERSTREAM_JWT_JWKS_URL"
+                "set only one of USERSTREAM_JWT_SECRET, USERSTREAM_JWT_PUBLIC_KEY,"
+                " USERSTREAM_JWT_JWKS_URL and USERSTREAM_AUTH_URL"
+            )
+        if self.auth_failure_cache_s > self.auth_cache_s:
+            raise ValueError(
+                "USERSTREAM_AUTH_FAILURE_CACHE_S must not exceed USERSTREAM_AUTH_CACHE_S"
             )
         return self

@@ -34,7 +34,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from core.cursors import InvalidCursor, parse_stream_cursor
 from core.types import Frame
-from gateway.auth import AuthError
+from gateway.auth import AuthError, Principal
 from gateway.deadlines import SEND_TIMEOUT
 from gateway.problems import problem
 from gateway.runtime import Runtime, retry_frame
@@ -61,12 +61,15 @@ CLIENT = "client"
 """Disconnect reason of a stream its client ended (metrics and logs)."""
 TOKEN_EXPIRED = "token_expired"
 """The `close` reason of a stream whose token expired (PROTOCOL.md §3)."""
+UNAUTHORIZED = "unauthorized"
+"""The `close` reason of a stream whose session the auth service revoked (forward auth)."""
 
 
 class SSEResponse(Response):
     """One open `/me/stream` response: writes `frames` (bytes, each a run of complete SSE
-    frames) until they end, the client disconnects, a write waits past the send timeout or the
-    token expires (both found by `runtime.deadlines`, `gateway.deadlines`).
+    frames) until they end, the client disconnects, a write waits past the send timeout, the
+    token expires or the session is revoked (all found by `runtime.deadlines`,
+    `gateway.deadlines`).
 
     `subscriber` is the connection's send buffer: its `chunk_committed_at` feeds the
     commit-to-write histogram, and its `close_reason` names why the stream ended. When the
@@ -81,8 +84,7 @@ class SSEResponse(Response):
     def __init__(
         self,
         runtime: Runtime,
-        user_id: str,
-        expires_at: float,
+        principal: Principal,
         subscriber: Subscriber,
         frames: AsyncGenerator[Frame, None],
     ) -> None:
@@ -91,8 +93,9 @@ class SSEResponse(Response):
         self.status_code = 200
         self.background = None
         self.runtime = runtime
-        self.user_id = user_id
-        self.expires_at = expires_at
+        self.user_id = principal.user_id
+        self.expires_at = principal.expires_at
+        self.credential = principal.credential
         self.subscriber = subscriber
         self.frames = frames
         self.writing_since = 0.0
@@ -184,6 +187,16 @@ class SSEResponse(Response):
         self.expires_at = float("inf")
         self.runtime.dispatcher.disconnect(self.subscriber, TOKEN_EXPIRED)
 
+    def revoke(self) -> None:
+        """The session was revoked: `event: close` `unauthorized` (`gateway.deadlines.Stream`)."""
+        self.expires_at = float("inf")
+        self.credential = None
+        logger.info(
+            "stream closed: session revoked",
+            extra={"conn": self.subscriber.id, "user": self.user_id},
+        )
+        self.runtime.dispatcher.disconnect(self.subscriber, UNAUTHORIZED)
+
     def _closed(self, reason: str) -> None:
         runtime = self.runtime
         runtime.limiter.release(self.user_id)
@@ -238,15 +251,17 @@ def refused(status: int, detail: str, **headers: str) -> Response:
 
 
 async def me_stream(request: Request) -> Response:
-    """401 without a valid token, 400 for a malformed `offset`, 429 past the per-user cap,
-    `shutdown_response` while the process drains, else the SSE stream, which ends with
-    `event: close` `token_expired` when the token does, or `shutdown` at its turn in the drain."""
+    """401 without a valid token, 503 while the auth service cannot tell, 400 for a malformed
+    `offset`, 429 past the per-user cap, `shutdown_response` while the process drains, else
+    the SSE stream, which ends with `event: close` `token_expired` when the token does,
+    `unauthorized` when forward auth revokes the session, or `shutdown` at its turn in the
+    drain."""
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
     try:
         principal = await runtime.auth.authenticate(request)
     except AuthError as exc:
-        return refused(401, str(exc), **{"WWW-Authenticate": 'Bearer realm="userstream"'})
+        return refused(exc.status, str(exc), **exc.headers)
     if runtime.drain.draining:
         return shutdown_response(runtime.drain)
     try:
@@ -276,7 +291,7 @@ async def me_stream(request: Request) -> Response:
         page_size=settings.catchup_page_size,
         watcher=runtime.presence,
     )
-    return SSEResponse(runtime, principal.user_id, principal.expires_at, subscriber, frames)
+    return SSEResponse(runtime, principal, subscriber, frames)
 
 
 async def stream_endpoint(scope: Scope, receive: Receive, send: Send) -> None:

@@ -69,13 +69,26 @@ CONNECTS = Counter("userstream_connects", "/me/stream connections accepted (afte
 DISCONNECTS = Counter(
     "userstream_disconnects",
     "/me/stream connections ended, by reason: client (it went away), shutdown, slow_consumer,"
-    " send_timeout, token_expired, resync, unavailable (Postgres failed during catch-up).",
+    " send_timeout, token_expired, unauthorized (forward auth revoked the session), resync,"
+    " unavailable (Postgres failed during catch-up).",
     ["reason"],
 )
 REJECTED = Counter(
     "userstream_rejected_connects",
-    "/me/stream requests refused before streaming, by HTTP status (400, 401, 429).",
+    "/me/stream requests refused before streaming, by HTTP status (400, 401, 429, 503).",
     ["status"],
+)
+AUTH_UPSTREAM = Counter(
+    "userstream_auth_upstream_calls",
+    "Forward-auth calls to USERSTREAM_AUTH_URL, by outcome: principal (admitted), refusal"
+    " (401/403), unavailable (timeout, connection failure, another status or body).",
+    ["outcome"],
+)
+AUTH_CACHE = Counter(
+    "userstream_auth_cache_lookups",
+    "Forward-auth cache lookups for new requests, by result: hit or miss (a miss joins or"
+    " starts an upstream call).",
+    ["result"],
 )
 BUS_EVENTS = Counter("userstream_bus_events", "Events received from the bus by the dispatcher.")
 DELIVERIES = Counter(

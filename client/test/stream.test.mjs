@@ -480,29 +480,31 @@ describe("failures", { timeout: 10000 }, () => {
 });
 
 describe("close frames", { timeout: 10000 }, () => {
-  it("token_expired: token() again and a new EventSource from the last cursor at once", async () => {
-    let tokens = 0;
-    const { stream, es, ES, applied } = setup({
-      token: async () => {
-        tokens += 1;
-        return jwt({ sub: "alice", exp: Math.floor(Date.now() / 1000) + 3600, n: tokens });
-      },
+  for (const reason of ["token_expired", "unauthorized"]) {
+    it(`${reason}: token() again and a new EventSource from the last cursor at once`, async () => {
+      let tokens = 0;
+      const { stream, es, ES, applied } = setup({
+        token: async () => {
+          tokens += 1;
+          return jwt({ sub: "alice", exp: Math.floor(Date.now() / 1000) + 3600, n: tokens });
+        },
+      });
+      stream.start();
+      await until(() => es());
+      const first = es();
+      first.changes(11, 12);
+      first.live(12);
+      first.send("close", { reason });
+      assert.equal(first.closed, true);
+      await until(() => ES.instances.length === 2);
+      assert.equal(tokens, 2);
+      assert.equal(es().params.get("offset"), cur(12));
+      assert.notEqual(es().params.get("access_token"), first.params.get("access_token"));
+      es().changes(12, 13);
+      es().live(13);
+      assert.deepEqual(applied(), [cur(11), cur(12), cur(13)]);
     });
-    stream.start();
-    await until(() => es());
-    const first = es();
-    first.changes(11, 12);
-    first.live(12);
-    first.send("close", { reason: "token_expired" });
-    assert.equal(first.closed, true);
-    await until(() => ES.instances.length === 2);
-    assert.equal(tokens, 2);
-    assert.equal(es().params.get("offset"), cur(12));
-    assert.notEqual(es().params.get("access_token"), first.params.get("access_token"));
-    es().changes(12, 13);
-    es().live(13);
-    assert.deepEqual(applied(), [cur(11), cur(12), cur(13)]);
-  });
+  }
 
   it("shutdown: EventSource reconnects after the frame's retry by itself", async () => {
     const { stream, es, ES, applied } = setup();

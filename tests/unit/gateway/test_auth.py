@@ -8,7 +8,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import SecretStr
 
-from gateway.auth import AuthError, JwksAuthenticator, JwtAuthenticator, make_authenticator
+from gateway.auth import AuthError, JwksAuthenticator, JwtAuthenticator
+from gateway.runtime import make_authenticator
 from gateway.settings import Settings
 
 SECRET = "unit-test-secret-long-enough-for-hs256"

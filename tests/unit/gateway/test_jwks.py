@@ -11,19 +11,19 @@ import pytest
 
 from gateway.auth import AuthError, JwksAuthenticator
 from gateway.settings import Settings
-from tests.jwks_server import JwksServer, SigningKey
+from tests.identity_server import IdentityServer, SigningKey
 
 MIN_REFRESH_S = 0.3
 
 
 @pytest.fixture
-def server() -> Iterator[JwksServer]:
-    running = JwksServer([SigningKey.generate("k1", "RS256")]).start()
+def server() -> Iterator[IdentityServer]:
+    running = IdentityServer([SigningKey.generate("k1", "RS256")]).start()
     yield running
     running.stop()
 
 
-def authenticator(server: JwksServer, **overrides: object) -> JwksAuthenticator:
+def authenticator(server: IdentityServer, **overrides: object) -> JwksAuthenticator:
     settings = Settings.model_validate(
         {
             "jwt_jwks_url": server.url,
@@ -39,7 +39,7 @@ def authenticator(server: JwksServer, **overrides: object) -> JwksAuthenticator:
 async def test_each_algorithm_verifies_by_kid(algorithm: str) -> None:
     key = SigningKey.generate(f"{algorithm}-key", algorithm)
     other = SigningKey.generate("other", "RS256")
-    server = JwksServer([other, key]).start()
+    server = IdentityServer([other, key]).start()
     try:
         auth = authenticator(server)
         await auth.start()
@@ -47,12 +47,12 @@ async def test_each_algorithm_verifies_by_kid(algorithm: str) -> None:
         assert principal.user_id == "alice" and principal.admin
         assert principal.expires_at == pytest.approx(time.time() + 60, abs=5)
         assert (await auth.verify(other.sign("bob"))).user_id == "bob"
-        assert server.requests == 1
+        assert server.jwks_requests == 1
     finally:
         server.stop()
 
 
-async def test_bad_tokens_are_refused(server: JwksServer) -> None:
+async def test_bad_tokens_are_refused(server: IdentityServer) -> None:
     auth = authenticator(server, jwt_audience="app")
     await auth.start()
     key = server.keys[0]
@@ -80,7 +80,7 @@ async def test_bad_tokens_are_refused(server: JwksServer) -> None:
     assert (await auth.verify(key.sign("alice", aud="app"))).user_id == "alice"
 
 
-async def test_rotation_is_picked_up_on_the_new_kid(server: JwksServer) -> None:
+async def test_rotation_is_picked_up_on_the_new_kid(server: IdentityServer) -> None:
     auth = authenticator(server)
     await auth.start()
     old = server.keys[0]
@@ -88,14 +88,14 @@ async def test_rotation_is_picked_up_on_the_new_kid(server: JwksServer) -> None:
     server.keys = [new]
     await asyncio.sleep(MIN_REFRESH_S)
     assert (await auth.verify(new.sign("alice"))).user_id == "alice"
-    assert server.requests == 2
+    assert server.jwks_requests == 2
     # the provider removed the old key: it no longer verifies (and the limit holds)
     with pytest.raises(AuthError, match="no signing key"):
         await auth.verify(old.sign("alice"))
-    assert server.requests == 2
+    assert server.jwks_requests == 2
 
 
-async def test_unknown_kids_refresh_at_most_once_per_interval(server: JwksServer) -> None:
+async def test_unknown_kids_refresh_at_most_once_per_interval(server: IdentityServer) -> None:
     auth = authenticator(server)
     await auth.start()
     key = server.keys[0]
@@ -103,16 +103,16 @@ async def test_unknown_kids_refresh_at_most_once_per_interval(server: JwksServer
     for attempt in range(20):
         with pytest.raises(AuthError, match="no signing key"):
             await auth.verify(key.sign("alice", kid=f"unknown-{attempt}"))
-    assert server.requests == 2  # the first load and one refresh
+    assert server.jwks_requests == 2  # the first load and one refresh
     await asyncio.sleep(MIN_REFRESH_S)
     with pytest.raises(AuthError, match="no signing key"):
         await auth.verify(key.sign("alice", kid="unknown-late"))
-    assert server.requests == 3
+    assert server.jwks_requests == 3
     assert (await auth.verify(key.sign("alice"))).user_id == "alice"
-    assert server.requests == 3  # a known kid never fetches
+    assert server.jwks_requests == 3  # a known kid never fetches
 
 
-async def test_concurrent_unknown_kids_share_one_fetch(server: JwksServer) -> None:
+async def test_concurrent_unknown_kids_share_one_fetch(server: IdentityServer) -> None:
     auth = authenticator(server)
     await auth.start()
     new = SigningKey.generate("k2", "EdDSA")
@@ -122,10 +122,10 @@ async def test_concurrent_unknown_kids_share_one_fetch(server: JwksServer) -> No
     tokens = [new.sign(f"user-{n}") for n in range(50)]
     principals = await asyncio.gather(*(auth.verify(t) for t in tokens))
     assert [p.user_id for p in principals] == [f"user-{n}" for n in range(50)]
-    assert server.requests == 2
+    assert server.jwks_requests == 2
 
 
-async def test_outage_keeps_known_keys_and_readiness(server: JwksServer) -> None:
+async def test_outage_keeps_known_keys_and_readiness(server: IdentityServer) -> None:
     auth = authenticator(server)
     await auth.start()
     key = server.keys[0]
@@ -143,7 +143,7 @@ async def test_outage_keeps_known_keys_and_readiness(server: JwksServer) -> None
     assert report["kids"] == ["k1"] and "Connection refused" in str(report["last_error"])
 
 
-async def test_never_loaded_is_not_ready_until_the_first_fetch(server: JwksServer) -> None:
+async def test_never_loaded_is_not_ready_until_the_first_fetch(server: IdentityServer) -> None:
     server.stop()
     auth = authenticator(server)
     await auth.start()
@@ -173,7 +173,7 @@ async def test_never_loaded_is_not_ready_until_the_first_fetch(server: JwksServe
     }
 
 
-async def test_periodic_refresh_follows_rotation(server: JwksServer) -> None:
+async def test_periodic_refresh_follows_rotation(server: IdentityServer) -> None:
     auth = authenticator(server, jwks_refresh_s=MIN_REFRESH_S)
     await auth.start()
     server.keys = [SigningKey.generate("k2", "RS256")]

@@ -1,6 +1,7 @@
 """`SSEResponse` on fake runtime parts: a socket that accepts nothing ends the stream as
-`send_timeout`, an expired token with `event: close` `token_expired`, and frames for an idle
-writer go to the socket from the dispatcher's side (`Subscriber.write_now`) until it fills."""
+`send_timeout`, an expired token with `event: close` `token_expired`, a revoked session with
+`event: close` `unauthorized` (a renewed one moves the expiry), and frames for an idle writer go
+to the socket from the dispatcher's side (`Subscriber.write_now`) until it fills."""
 
 import asyncio
 import time
@@ -11,8 +12,9 @@ from typing import Any
 from starlette.types import Message
 
 from core.frames import encode_close
+from gateway.auth import Principal
 from gateway.deadlines import Deadlines
-from gateway.stream import TOKEN_EXPIRED, SSEResponse
+from gateway.stream import TOKEN_EXPIRED, UNAUTHORIZED, SSEResponse
 from sync.subscribers import Subscriber
 
 FAR = float("inf")
@@ -22,7 +24,9 @@ class Harness:
     """An SSEResponse on fake runtime parts: body writes wait for `send_body`, the client
     disconnects when `disconnect` is set."""
 
-    def __init__(self, deadlines: Deadlines, expires_at: float = FAR) -> None:
+    def __init__(
+        self, deadlines: Deadlines, expires_at: float = FAR, credential: str | None = None
+    ) -> None:
         self.deadlines = deadlines
         self.subscriber = Subscriber("c1", "alice", max_buffer_bytes=1024)
         self.released: list[str] = []
@@ -38,7 +42,8 @@ class Harness:
                 disconnect=lambda subscriber, reason: subscriber.close(reason)
             ),
         )
-        self.response = SSEResponse(runtime, "alice", expires_at, self.subscriber, self.frames())
+        principal = Principal("alice", False, expires_at, credential=credential)
+        self.response = SSEResponse(runtime, principal, self.subscriber, self.frames())
 
     async def frames(self) -> AsyncGenerator[bytes, None]:
         yield b"retry: 1000\n\n"
@@ -94,6 +99,33 @@ async def test_an_expired_token_ends_the_stream_with_close_token_expired() -> No
     bodies = b"".join(m.get("body", b"") for m in harness.sent)
     assert bodies.endswith(encode_close(TOKEN_EXPIRED))
     assert harness.subscriber.close_reason == TOKEN_EXPIRED
+
+
+async def test_a_revoked_session_ends_its_stream_and_a_renewed_one_moves_the_expiry() -> None:
+    deadlines = Deadlines(100.0)
+    harness = Harness(deadlines, expires_at=time.time() + 60, credential="key-1")
+    other = Harness(deadlines, credential="key-2")
+    for each in (harness, other):
+        each.send_body.set_result(None)
+    task, other_task = harness.start(), other.start()
+    await harness.writing.wait()
+    await other.writing.wait()
+    assert deadlines.credentials() == {"key-1", "key-2"}
+    renewed = Principal("alice", False, time.time() + 600, credential="key-1")
+    assert deadlines.apply({"key-1": renewed}) == 0
+    assert harness.response.expires_at == renewed.expires_at
+    assert deadlines.sweep(epoch=time.time() + 61) == 0  # the old expiry no longer applies
+    assert deadlines.apply({"key-1": None, "unknown": None}) == 1
+    await asyncio.wait_for(task, 5)
+    bodies = b"".join(m.get("body", b"") for m in harness.sent)
+    assert bodies.endswith(encode_close(UNAUTHORIZED))
+    assert harness.subscriber.close_reason == UNAUTHORIZED
+    assert deadlines.credentials() == {"key-2"} and not other_task.done()
+    # the same credential now naming another user is a revocation too
+    stranger = Principal("mallory", False, FAR, credential="key-2")
+    assert deadlines.apply({"key-2": stranger}) == 1
+    await asyncio.wait_for(other_task, 5)
+    assert other.subscriber.close_reason == UNAUTHORIZED
 
 
 async def test_direct_writes_stop_when_the_socket_fills_and_resume_once_it_drained() -> None:
