@@ -11,8 +11,10 @@ trivial C server `bench/client/sseserve`), `idle` (RSS per connection, CPU at re
 `connect-storm` (connects/s, time to ready), `slow` (5 % slow consumers), `scale` (userstream
 with 2 gateway workers against 1), `presence-storm` (the connect storm with presence off and
 on) and `signals` (ephemeral signals into one stream, then a reconnect counting presence
-frames), both userstream only (bench/ephemeral.py). `--quick` shrinks every size for a smoke
-run (about 1 min of measuring); the default run takes about 13 minutes.
+frames), both userstream only (bench/ephemeral.py), and `auth-storm` (the connect storm under
+each authenticator: HS256, RS256 key, JWKS, forward auth cold and warm; userstream only,
+bench/auth.py). `--quick` shrinks every size for a smoke run (about 1 min of measuring); the
+default run takes about 16 minutes.
 
 Ingest mode (`--ingest`, default wal; core/schema/ingest.py): the userstream target's database
 is put in that mode. With wal, every target runs against a Postgres 16 with logical decoding
@@ -43,7 +45,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import ephemeral, loadclient, scenarios
+from bench import auth, ephemeral, loadclient, scenarios
 from bench.database import durable_logical_server
 from bench.scenarios import (
     FULL,
@@ -63,7 +65,7 @@ from core.schema.ingest import MODES, Mode
 from tests.services import PgServer, postgres_server, redis_server
 
 TARGETS = ("userstream", "nchan", "plain")
-SCENARIOS = {**scenarios.SCENARIOS, **ephemeral.SCENARIOS}
+SCENARIOS = {**scenarios.SCENARIOS, **ephemeral.SCENARIOS, **auth.SCENARIOS}
 """Every scenario by name, in the default order."""
 CLASSES = {"nchan": "NchanTarget", "plain": "PlainTarget"}
 
@@ -142,6 +144,7 @@ COLUMNS = {
     "slow": SLOW_COLUMNS,
     "scale": [("workers", "workers"), *LADDER_COLUMNS],
     **ephemeral.COLUMNS,
+    **auth.COLUMNS,
 }
 """Each scenario's columns, as it prints them."""
 
