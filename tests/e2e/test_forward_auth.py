@@ -18,7 +18,7 @@ from tests.e2e.harness import Gateway, Processes, StreamClient
 from tests.identity_server import SESSION_COOKIE, IdentityServer
 
 TIMEOUT_S = 0.5
-REVALIDATE_S = 2.0
+REVALIDATE_S = 1.0
 MARKER = "answer-body-marker-7f3a"
 """Put in upstream answer bodies; must never reach a log line."""
 
