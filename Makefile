@@ -26,7 +26,8 @@ lint: $(STAMP)
 # tests (tests/browser, Debian's /usr/bin/chromium) included; then the trigger-mode suite: the
 # tests of its own relay and schema, and the end-to-end guarantees again (tests/conftest.py),
 # without the integration tests that no ingest mode touches (Redis faults, presence, the SQL
-# reference, the throwaway server, the Redis Cluster fixture), and with half the access property's examples.
+# reference, the throwaway server, the Redis Cluster fixture), and with half the access
+# property's examples.
 TRIGGER_SUITE := tests/integration tests/e2e/test_access_property.py tests/e2e/test_faults.py \
 	tests/e2e/test_stream.py tests/e2e/test_must_refetch.py
 TRIGGER_SKIPS := $(addprefix --ignore=tests/integration/,test_bus_redis_faults.py \

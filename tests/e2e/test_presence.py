@@ -141,6 +141,8 @@ async def test_a_reconnect_within_the_grace_sends_no_offline(
 ) -> None:
     one, two = gateways
     alice = await RawStream(one.url, "alice").connect()
+    # alice's own arrival first, so that bob's is not batched into the same frame
+    await alice.wait_for(went(alice, "online", "alice"))
     bob = await RawStream(two.url, "bob").connect()
     try:
         await alice.wait_for(went(alice, "online", "bob"))
