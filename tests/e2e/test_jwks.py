@@ -15,7 +15,7 @@ from tests.e2e.harness import Gateway, Processes, StreamClient, eventually
 from tests.identity_server import IdentityServer, SigningKey
 
 MIN_REFRESH_S = 1.0
-OUTAGE_S = 3.0
+OUTAGE_S = 5.0
 
 
 @pytest.fixture
