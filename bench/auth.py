@@ -51,7 +51,9 @@ from bench.scenarios import (
     Setup,
     Sizes,
     cpu_seconds,
+    mean_of,
     on_target,
+    ratio_of,
     storm_note,
     storm_run,
     wait_quiet,
@@ -310,15 +312,6 @@ async def auth_storm(ctx: Context) -> Report:
     return report
 
 
-def _mean(rows: Sequence[Row], key: str) -> float | None:
-    values = [float(row[key]) for row in rows if row.get(key) is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _ratio(value: float | None, baseline: float | None) -> float | None:
-    return value / baseline if value is not None and baseline else None
-
-
 def auth_summary(rows: Sequence[Row]) -> dict[str, Any]:
     """Means of the auth-storm rows per variant (`MEAN_KEYS`, and `runs`; error rows left out),
     under `variants`; under `ratios`, for each `RATIO_GOALS` pair `"<variant>/<baseline>"`:
@@ -329,10 +322,10 @@ def auth_summary(rows: Sequence[Row]) -> dict[str, Any]:
     means: dict[str, dict[str, Any]] = {}
     for variant in VARIANTS:
         mine = [r for r in usable if r.get("variant") == variant]
-        means[variant] = {key: _mean(mine, key) for key in MEAN_KEYS} | {"runs": len(mine)}
+        means[variant] = {key: mean_of(mine, key) for key in MEAN_KEYS} | {"runs": len(mine)}
     ratios: dict[str, dict[str, Any]] = {}
     for variant, baseline, goal in RATIO_GOALS:
-        figures = {key: _ratio(means[variant][key], means[baseline][key]) for key in RATIO_KEYS}
+        figures = {key: ratio_of(means[variant][key], means[baseline][key]) for key in RATIO_KEYS}
         ratio = figures["connects_per_s"]
         within = None if ratio is None else ratio >= goal
         ratios[f"{variant}/{baseline}"] = figures | {"goal": goal, "within_goal": within}

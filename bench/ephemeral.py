@@ -42,7 +42,9 @@ from bench.scenarios import (
     drive,
     judge,
     load_row,
+    mean_of,
     on_target,
+    ratio_of,
     run_client,
     storm_note,
     storm_run,
@@ -111,15 +113,6 @@ def wire_bytes(frames: int, data_bytes: int) -> int:
     return data_bytes + frames * PRESENCE_FRAME_OVERHEAD_BYTES
 
 
-def _mean(rows: Sequence[Row], key: str) -> float | None:
-    values = [float(row[key]) for row in rows if row.get(key) is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _ratio(on: float | None, off: float | None) -> float | None:
-    return on / off if on is not None and off else None
-
-
 def storm_summary(rows: Sequence[Row]) -> dict[str, Any]:
     """Means of the presence-storm rows per setting (`presence` `off`/`on`; error rows and rows
     with failed connects left out) and the ratios on/off: connects/s, ready p50/p99, server CPU
@@ -130,8 +123,9 @@ def storm_summary(rows: Sequence[Row]) -> dict[str, Any]:
         usable = [
             r for r in rows if r.get("presence") == setting and "error" not in r and "ready" in r
         ]
-        summary[setting] = {key: _mean(usable, key) for key in keys} | {"runs": len(usable)}
-    summary["ratio_on_off"] = {key: _ratio(summary["on"][key], summary["off"][key]) for key in keys}
+        summary[setting] = {key: mean_of(usable, key) for key in keys} | {"runs": len(usable)}
+    on, off = summary["on"], summary["off"]
+    summary["ratio_on_off"] = {key: ratio_of(on[key], off[key]) for key in keys}
     ratio = summary["ratio_on_off"]["connects_per_s"]
     summary["within_goal"] = None if ratio is None else ratio >= STORM_GOAL
     return summary
@@ -363,7 +357,7 @@ def signals_summary(rows: Sequence[Row]) -> dict[str, Any]:
             continue
         summary["by_rate"][rate] = {
             key: {"off": off.get(key), "on": on.get(key),
-                  "ratio_on_off": _ratio(on.get(key), off.get(key))}
+                  "ratio_on_off": ratio_of(on.get(key), off.get(key))}
             for key in ("deliveries_per_s", "p50_ms", "p99_ms", "server_cpu")
         }  # fmt: skip
     return summary

@@ -921,6 +921,17 @@ async def storm_run(ctx: Context, target: Target, n: int, concurrency: int) -> R
     return row
 
 
+def mean_of(rows: Sequence[Row], key: str) -> float | None:
+    """The mean of `key` over the rows that have it (not None); None when none has."""
+    values = [float(row[key]) for row in rows if row.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def ratio_of(value: float | None, baseline: float | None) -> float | None:
+    """`value / baseline`; None when either is unknown or the baseline is 0."""
+    return value / baseline if value is not None and baseline else None
+
+
 def storm_note(concurrency: int) -> str:
     """What a connect storm's figures mean (both storm scenarios print it)."""
     return (
