@@ -156,13 +156,10 @@ class ForwardAuthenticator(Authenticator):
         if settings.auth_url is None:
             raise ValueError("set USERSTREAM_AUTH_URL")
         self.url = settings.auth_url
-        self._timeout = aiohttp.ClientTimeout(total=settings.auth_timeout_s)
-        self._timeout_s = settings.auth_timeout_s
-        self._cache_s = settings.auth_cache_s
-        self._failure_cache_s = settings.auth_failure_cache_s
-        self._revalidate_s = settings.auth_revalidate_s
-        self._max_connections = settings.auth_max_connections
-        self._recheck_s = self.recheck_every_s = min(1.0, settings.auth_revalidate_s / 4)
+        self._settings = settings
+        recheck_every_s = self.recheck_every_s = min(1.0, settings.auth_revalidate_s / 4)
+        # an answer this old is asked again by the next re-check, so none outlives revalidate_s
+        self._due_after_s = settings.auth_revalidate_s - recheck_every_s
         self._session: aiohttp.ClientSession | None = None
         self._cache: dict[str, _Cached] = {}
         self._inflight: dict[str, asyncio.Task[Answer]] = {}
@@ -201,7 +198,7 @@ class ForwardAuthenticator(Authenticator):
         failed, are left out (their streams go on)."""
         for key in self._held.keys() - credentials:
             del self._held[key]
-        due_before = time.monotonic() - (self._revalidate_s - self._recheck_s)
+        due_before = time.monotonic() - self._due_after_s
         due = [
             key
             for key in credentials
@@ -249,10 +246,10 @@ class ForwardAuthenticator(Authenticator):
         metrics.AUTH_UPSTREAM.labels(type(answer).__name__.lower()).inc()
         now = time.monotonic()
         if isinstance(answer, Principal):
-            ttl = min(self._cache_s, answer.expires_at - time.time())
+            ttl = min(self._settings.auth_cache_s, answer.expires_at - time.time())
             self._remember(key, _Cached(answer, now, now + ttl))
         elif isinstance(answer, Refusal):
-            self._remember(key, _Cached(answer, now, now + self._failure_cache_s))
+            self._remember(key, _Cached(answer, now, now + self._settings.auth_failure_cache_s))
         else:
             logger.warning("auth service unavailable: %s", answer.why)
         return answer
@@ -260,11 +257,13 @@ class ForwardAuthenticator(Authenticator):
     async def _fetch(self, headers: dict[str, str]) -> Answer:
         session = self._session
         if session is None:
-            connector = aiohttp.TCPConnector(limit=self._max_connections)
+            connector = aiohttp.TCPConnector(limit=self._settings.auth_max_connections)
             # No cookie jar: a cookie the upstream sets (a rolling session) must never be sent
             # along with another user's request.
             session = self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar()
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self._settings.auth_timeout_s),
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         try:
             async with session.get(self.url, headers=headers, allow_redirects=False) as response:
@@ -278,7 +277,7 @@ class ForwardAuthenticator(Authenticator):
                     return Unavailable(f"an answer longer than {MAX_BODY_BYTES} bytes")
                 return parse_answer(response.status, body, time.time())
         except TimeoutError:
-            return Unavailable(f"no answer within {self._timeout_s:g} s")
+            return Unavailable(f"no answer within {self._settings.auth_timeout_s:g} s")
         except aiohttp.ClientError as exc:
             return Unavailable(type(exc).__name__)
 
@@ -291,7 +290,7 @@ class ForwardAuthenticator(Authenticator):
     def _prune(self) -> None:
         """Drop the answers older than `auth_cache_s` (no answer lives longer), from the
         oldest: the cache is in order of answers."""
-        oldest_kept = time.monotonic() - self._cache_s
+        oldest_kept = time.monotonic() - self._settings.auth_cache_s
         cache = self._cache
         while cache:
             key = next(iter(cache))

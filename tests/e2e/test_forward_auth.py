@@ -147,7 +147,7 @@ async def test_cache_and_coalescing_make_one_upstream_call(
     assert upstream.check_requests - refused_before == 1  # refusals are cached too
 
 
-async def closed(client: StreamClient) -> str | None:
+def closed(client: StreamClient) -> str | None:
     """The reason of the stream's `event: close`, if it has one."""
     for event in client.events:
         if event.event == "close":
@@ -165,7 +165,7 @@ async def test_a_revoked_session_ends_its_streams_within_the_revalidation_interv
     bob_stream = await StreamClient(gateway.url, cookie(bob)).connect()
     try:
         await asyncio.sleep(REVALIDATE_S * 1.5)  # re-checked at least once, still valid
-        assert all([await closed(s) is None for s in [*alice_streams, bob_stream]])
+        assert all(closed(s) is None for s in [*alice_streams, bob_stream])
         calls = upstream.check_requests
         assert calls >= 3  # alice and bob once each to connect, and again since
 
@@ -174,10 +174,10 @@ async def test_a_revoked_session_ends_its_streams_within_the_revalidation_interv
         for stream in alice_streams:
             await stream.wait_for(lambda s=stream: "close" in s.kinds(), timeout_s=REVALIDATE_S * 3)
         took_s = time.monotonic() - revoked_at
-        assert [await closed(s) for s in alice_streams] == ["unauthorized", "unauthorized"]
+        assert [closed(s) for s in alice_streams] == ["unauthorized", "unauthorized"]
         # within the interval, with room for one re-check pass and the call itself
         assert took_s <= REVALIDATE_S + 1.0, took_s
-        assert await closed(bob_stream) is None
+        assert closed(bob_stream) is None
         # the refusal the re-check found is what a reconnect gets
         async with httpx.AsyncClient(timeout=10) as client:
             again = await client.get(f"{gateway.url}/me/stream", headers=cookie(alice))
