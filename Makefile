@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test lint chromium format bench bench-quick bench-latency bench-writers chaos clean
+.PHONY: install demo test test-channels test-cluster lint chromium format bench bench-quick bench-latency bench-writers chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ test: lint chromium
 	USERSTREAM_PROPERTY_EXAMPLES=60 $(BIN)/pytest
 	USERSTREAM_TEST_INGEST=trigger USERSTREAM_PROPERTY_EXAMPLES=50 $(BIN)/pytest $(TRIGGER_SUITE) \
 		$(TRIGGER_SKIPS)
+
+# The end-to-end and browser suites again with every gateway and relay on the channel bus
+# (USERSTREAM_BUS=channels): on the tests' Redis, then on a throwaway three-node Redis Cluster
+# (tests/redis_cluster.py). About six minutes each; not part of `make test`.
+test-channels: $(STAMP)
+	USERSTREAM_TEST_BUS=channels $(BIN)/pytest tests/e2e tests/browser
+
+test-cluster: $(STAMP)
+	USERSTREAM_TEST_BUS=cluster $(BIN)/pytest tests/e2e tests/browser
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix core sync gateway tests bench

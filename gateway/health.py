@@ -2,12 +2,13 @@
 
 Readiness checks Postgres (`SELECT 1`), the bus (`ping`) and reports the relay's lag (rows
 committed but not yet relayed, and the age of the oldest; in wal ingest mode the slot's flush
-lag, and the slot itself: `sync.relay.relay_status`) and this gateway's dispatch position.
-It answers 503 when Postgres or the bus is unreachable, or while the authenticator cannot
-verify any token yet (a JWKS never loaded: `Authenticator.readiness`, reported as `auth`); a
-lagging relay, a slot holding WAL or a failing JWKS refresh (known keys still verify) is
-reported, not refused: the gateway itself can serve, and turning every replica unready would
-only move the clients' reconnects onto nothing.
+lag, and the slot itself: `sync.relay.relay_status`), this gateway's dispatch position and
+whether it is degraded (reading the outbox because the bus is unreadable, `sync.dispatcher`).
+It answers 503 when Postgres is unreachable, or while the authenticator cannot verify any
+token yet (a JWKS never loaded: `Authenticator.readiness`, reported as `auth`); an unreachable
+bus, a lagging relay, a slot holding WAL or a failing JWKS refresh (known keys still verify)
+is reported, not refused: the gateway itself can serve (without the bus, from the outbox),
+and turning every replica unready would only move the clients' reconnects onto nothing.
 """
 
 import asyncio
@@ -28,10 +29,13 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> JSONResponse:
-    """200 with the checks when Postgres and the bus answer within 2 s and the authenticator
-    is ready, else 503."""
+    """200 with the checks when Postgres answers within 2 s and the authenticator is ready,
+    else 503; `bus` and `degraded` are reported either way."""
     runtime: Runtime = request.app.state.runtime
-    body: dict[str, object] = {"position": format_cursor(runtime.dispatcher.position)}
+    body: dict[str, object] = {
+        "position": format_cursor(runtime.dispatcher.position),
+        "degraded": runtime.dispatcher.degraded,
+    }
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
             async with runtime.pool.acquire() as conn:
@@ -47,6 +51,6 @@ async def readyz(request: Request) -> JSONResponse:
     auth_ready, auth_report = runtime.auth.readiness()
     if auth_report is not None:
         body["auth"] = auth_report
-    ready = body["postgres"] == "ok" and body["bus"] == "ok" and auth_ready
+    ready = body["postgres"] == "ok" and auth_ready
     body["status"] = "ready" if ready else "unavailable"
     return JSONResponse(body, status_code=200 if ready else 503)

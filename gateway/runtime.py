@@ -39,6 +39,7 @@ from gateway.shutdown import Drain
 from sync import metrics
 from sync.access_cache import AccessCache
 from sync.bus import Bus
+from sync.bus_channels import ChannelBus
 from sync.bus_memory import InProcessBus
 from sync.bus_redis import RedisBus
 from sync.dispatcher import Dispatcher
@@ -52,11 +53,22 @@ from sync.subscribers import StreamSubscriberManager
 SIGNAL_SWEEP_S = 5.0
 """How often senders' expired access holds and full rate buckets are dropped, seconds."""
 
+TOPIC_SWEEP_S = 5.0
+"""How often the dispatcher lets the bus drop the topics nothing needs any more, seconds."""
+
 logger = logging.getLogger(__name__)
 
 
-def make_bus(settings: Settings) -> Bus:
-    """A RedisBus when `REDIS_URL` is set, else the in-process bus (one process only)."""
+def make_bus(settings: Settings, pool: asyncpg.Pool | None = None) -> Bus:
+    """With `REDIS_URL`: a ChannelBus (`USERSTREAM_BUS=channels`; `pool` for its reads) or a
+    RedisBus; else the in-process bus (one process only)."""
+    if settings.redis_url and settings.bus == "channels":
+        return ChannelBus(
+            settings.redis_url,
+            settings.redis_prefix,
+            pool=pool,
+            drop_every=settings.bus_drop_every,
+        )
     if settings.redis_url:
         return RedisBus(
             settings.redis_url, settings.redis_prefix, max_batches=settings.bus_max_batches
@@ -135,7 +147,7 @@ class Runtime:
         pool = await asyncpg.create_pool(
             settings.database_url, min_size=1, max_size=settings.pool_max_size
         )
-        bus = make_bus(settings)
+        bus = make_bus(settings, pool)
         dispatcher = Dispatcher(
             bus,
             pool,
@@ -144,6 +156,7 @@ class Runtime:
             window_events=settings.window_events,
             page_size=settings.catchup_page_size,
             retry_frame=lambda: retry_frame(settings),
+            degraded_poll_s=settings.degraded_poll_s,
         )
         limiter = ConnectionLimiter(settings.max_connections_per_user)
         drain = Drain(dispatcher, settings.drain_s)
@@ -178,6 +191,7 @@ class Runtime:
         runtime.spawn(drain.run(runtime.stop), "drain")
         runtime.spawn(runtime.every(settings.keepalive_s / 2, dispatcher.ping_idle), "keep-alive")
         runtime.spawn(runtime.every(SWEEP_INTERVAL_S, deadlines.sweep), "deadlines")
+        runtime.spawn(runtime.every(TOPIC_SWEEP_S, dispatcher.sweep_topics), "topic-sweep")
         runtime.spawn(runtime.every(settings.status_interval_s, runtime.report), "status")
         if settings.presence:
             await runtime.start_presence()
@@ -244,13 +258,15 @@ class Runtime:
 
     def status(self) -> dict[str, Any]:
         """This replica's view: `{"replica", "started_at" (epoch s), "position" (cursor),
-        "connections", "users", "workspaces": {workspace_id: connections}}`."""
+        "degraded" (reading the outbox, the bus being unreadable), "connections", "users",
+        "draining", "workspaces": {workspace_id: connections}}`."""
         manager = self.dispatcher.manager
         prefix = workspace_channel("")
         return {
             "replica": self.replica,
             "started_at": round(self.started_at, 3),
             "position": format_cursor(self.dispatcher.position),
+            "degraded": self.dispatcher.degraded,
             "connections": len(self.drain),
             "users": self.dispatcher.cache.user_count,
             "draining": self.drain.draining,

@@ -27,6 +27,18 @@ class Settings(BaseSettings):
         description="Redis URL; unset: the in-process bus (one process only).",
     )
     redis_prefix: str = Field("userstream:", description="Prefix of every Redis key.")
+    bus: Literal["stream", "channels"] = Field(
+        "stream",
+        description="With Redis: `stream`, every replica reads every event from one Redis"
+        " Stream; `channels`, each replica reads only its users' topics over sharded pub/sub,"
+        " on a Redis Cluster or one Redis (sync/bus_channels.py).",
+    )
+    bus_drop_every: int = Field(
+        0,
+        ge=0,
+        description="A fault for tests of the channel bus: the relay leaves out every n-th"
+        " topic message (0: none).",
+    )
     jwt_secret: SecretStr | None = Field(None, description="HS256 shared secret.")
     jwt_public_key: str | None = Field(None, description="PEM public key for RS256/ES256.")
     jwt_jwks_url: str | None = Field(
@@ -96,6 +108,12 @@ class Settings(BaseSettings):
         10_000, gt=0, description="Recent events kept per gateway for catch-up."
     )
     catchup_page_size: int = Field(500, gt=0, description="Rows per catch-up read from Postgres.")
+    degraded_poll_s: float = Field(
+        0.5,
+        gt=0,
+        description="While the bus is unreadable, how often each gateway reads the outbox"
+        " instead (degraded mode), seconds.",
+    )
     relay_name: str = Field("default", description="Name of the relay's progress record.")
     relay_batch_size: int = Field(500, gt=0, description="Outbox rows per relay batch.")
     relay_poll_interval_s: float = Field(

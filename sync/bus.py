@@ -20,11 +20,13 @@ seconds, read back with `presences()`, like the replica status reports of `put_s
 expired heartbeat is how a dead replica's users go offline.
 
 Implementations: `sync.bus_memory.InProcessBus` (one process) and `sync.bus_redis.RedisBus`
-(Redis Streams and pub/sub, for several replicas). `tests/contract/test_bus.py` runs one suite
-on both.
+(Redis Streams and pub/sub, for several replicas) carry every event to every reader;
+`tests/contract/test_bus.py` runs one suite on both. `sync.bus_channels.ChannelBus` carries to
+each replica only the topics it `subscribe`s (interest-based fan-out over sharded pub/sub,
+keeping nothing: history is Postgres's).
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +34,7 @@ import orjson
 
 from core.events import Event
 from core.signals import Signal
+from core.types import ChannelKey
 from sync.presence import PresenceUpdate
 
 
@@ -39,24 +42,32 @@ from sync.presence import PresenceUpdate
 class Batch:
     """Consecutive events in position order, and `prev`: the position published before them.
 
-    Raises ValueError when `events` is empty or not in increasing position order, or when
-    `prev` is not below the first position.
+    `upto`, when set, is the position the batch reaches, at or past its last event: a reader
+    of some topics only (`sync.bus_channels`) gets the events of those topics in
+    `(prev, upto]`, maybe none. Raises ValueError when `events` is empty without `upto`, or
+    not in increasing position order, or when `prev` is not below the first position, or
+    `upto` below the last or below `prev`.
     """
 
     prev: int
     events: tuple[Event, ...]
+    upto: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.events:
-            raise ValueError("a batch needs at least one event")
         positions = [e.seq for e in self.events]
+        if not positions:
+            if self.upto is None or self.upto < self.prev:
+                raise ValueError("a batch needs at least one event or an upto past prev")
+            return
         if positions != sorted(set(positions)) or self.prev >= positions[0]:
             raise ValueError(f"batch positions {positions} (prev {self.prev}) are not increasing")
+        if self.upto is not None and self.upto < positions[-1]:
+            raise ValueError(f"batch upto {self.upto} is below its last position {positions[-1]}")
 
     @property
     def last(self) -> int:
-        """Position of the batch's last event."""
-        return self.events[-1].seq
+        """The position the batch reaches: `upto`, else its last event's."""
+        return self.upto if self.upto is not None else self.events[-1].seq
 
     def encode(self) -> bytes:
         """JSON bytes: `{"prev": int, "events": [Event.to_wire(), ...]}`."""
@@ -93,6 +104,22 @@ class Bus(Protocol):
 
     async def last_position(self) -> int:
         """Position of the last event the bus holds (0 when it holds none)."""
+        ...
+
+    def subscribe(self, topics: Collection[ChannelKey], after: int) -> int:
+        """Make `read` carry the events of `topics` (`sync.topics`); returns `since`: every
+        event of them past it is read. A bus that carries every event returns 0; the channel
+        bus returns at least `after` for a topic new to it (`sync.bus_channels`)."""
+        ...
+
+    def unsubscribe(self, topics: Collection[ChannelKey]) -> None:
+        """Let `read` leave out `topics` again (a bus that carries every event ignores it)."""
+        ...
+
+    def readable(self) -> bool:
+        """False from a `read` iterator's failure to reach the transport until its next
+        successful read: while it is False, batches published meanwhile are not arriving,
+        and readers fall back to Postgres (`sync.dispatcher`, degraded mode)."""
         ...
 
     async def publish_signal(self, signal: Signal) -> None:

@@ -20,10 +20,11 @@ import asyncio
 import bisect
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Generic, TypeVar
 
 from core.signals import Signal
+from core.types import ChannelKey
 from sync.bus import Batch
 from sync.presence import PresenceUpdate
 
@@ -172,6 +173,17 @@ class InProcessBus:
         """The heartbeats not yet expired. Raises ConnectionError after close()."""
         self._check_open()
         return self._heartbeats.live()
+
+    def subscribe(self, topics: Collection[ChannelKey], after: int) -> int:
+        """0: every event is read anyway."""
+        return 0
+
+    def unsubscribe(self, topics: Collection[ChannelKey]) -> None:
+        """Nothing to do: every event is read anyway."""
+
+    def readable(self) -> bool:
+        """True: batches are handed over in memory (False only after close())."""
+        return not self._closed
 
     async def ping(self) -> bool:
         """True until close()."""

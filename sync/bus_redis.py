@@ -29,7 +29,7 @@ bounded by `REPORT_TIMEOUT_S`.
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -41,6 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamEntry
 
 from core.signals import Signal
+from core.types import ChannelKey
 from sync.bus import Batch
 from sync.presence import PresenceUpdate
 from sync.redis_retry import Outages
@@ -110,9 +111,10 @@ class RedisBus:
         self._heartbeats = f"{prefix}{PRESENCE_KEY_SUFFIX}"
         self.max_batches = max_batches
         self.block_ms = block_ms
-        self._url = url
+        self.url = url
         self._client = aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S)
         self._closed = asyncio.Event()
+        self._readers: set[_StreamReader] = set()
 
     async def publish(self, batch: Batch) -> bool:
         """XADD the batch as entry `{batch.last}-0`; False (nothing added) when Redis holds
@@ -143,6 +145,7 @@ class RedisBus:
         reader = _StreamReader(
             self.key, self.block_ms, self._reading_client, self._closed, f"{max(after, 0)}-0"
         )
+        self._readers.add(reader)
         try:
             while (entries := await reader.fetch()) is not None:
                 for entry_id, fields in entries:
@@ -152,6 +155,7 @@ class RedisBus:
                     if batch is not None:
                         yield batch
         finally:
+            self._readers.discard(reader)
             await reader.aclose()
 
     async def last_position(self) -> int:
@@ -166,6 +170,18 @@ class RedisBus:
         entry_id = entries[0][0] if entries else None
         return 0 if entry_id is None else _position(entry_id)
 
+    def subscribe(self, topics: Collection[ChannelKey], after: int) -> int:
+        """0: every event is read anyway."""
+        return 0
+
+    def unsubscribe(self, topics: Collection[ChannelKey]) -> None:
+        """Nothing to do: every event is read anyway."""
+
+    def readable(self) -> bool:
+        """False after close() and while some `read` iterator fails to reach Redis (from
+        its first failure in a row until its next successful XREAD)."""
+        return not self._closed.is_set() and not any(r.failing for r in self._readers)
+
     async def publish_signal(self, signal: Signal) -> None:
         """`PUBLISH {prefix}signals` the signal (`sync.signals_redis`). Raises ConnectionError
         when Redis is unreachable or slow (the signal is lost) or after close()."""
@@ -178,7 +194,7 @@ class RedisBus:
         that is not a signal is logged and skipped."""
         if self._closed.is_set():
             return
-        listener = ChannelListener(self._url, self.signals_channel, self._closed)
+        listener = ChannelListener(self.url, self.signals_channel, self._closed)
         try:
             while (payload := await listener.receive()) is not None:
                 signal = decode_signal(self.signals_channel, payload)
@@ -211,7 +227,7 @@ class RedisBus:
         that is not an update is logged and skipped."""
         if self._closed.is_set():
             return
-        listener = ChannelListener(self._url, self.presence_channel, self._closed)
+        listener = ChannelListener(self.url, self.presence_channel, self._closed)
         try:
             while (payload := await listener.receive()) is not None:
                 update = decode_presence(self.presence_channel, payload)
@@ -277,7 +293,7 @@ class RedisBus:
         """A one-connection client for one reader. No retries inside redis-py: the reader
         retries with its own backoff, and logs."""
         return aioredis.Redis.from_url(
-            self._url,
+            self.url,
             single_connection_client=True,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             socket_timeout=self.block_ms / 1000 + SOCKET_TIMEOUT_MARGIN_S,
@@ -313,6 +329,11 @@ class _StreamReader:
     def closed(self) -> bool:
         """True once the bus is closed."""
         return self._outages.closed.is_set()
+
+    @property
+    def failing(self) -> bool:
+        """True from a failed XREAD until the next one that succeeds."""
+        return self._outages.failures > 0
 
     async def fetch(self) -> list[StreamEntry] | None:
         """The entries after `last_id` (an empty list when none came within block_ms), or

@@ -3,11 +3,15 @@
 The handoff, for a subscriber starting after position `a` (its cursor, or the snapshot's
 position for `offset=now`):
 
-1. Load the user's access in one snapshot at position `c`, wait until the dispatcher has
-   dispatched everything up to `c` (`DISPATCH_WAIT_S`), and install it at the dispatcher's
-   position (`AccessCache.install`, replaying the part of the recent window after `c`).
+1. Have the bus carry the user's topics (`Dispatcher.subscribe`: on the channel bus a replica
+   hears only its users' topics, `sync.bus_channels`), load the user's access in one snapshot
+   at position `c`, wait until the dispatcher has dispatched everything up to `c`
+   (`DISPATCH_WAIT_S`), and install it at the dispatcher's position (`AccessCache.install`,
+   replaying the part of the recent window after `c`).
 2. While `a` is older than what the dispatcher's recent window holds (`RecentEvents.floor`),
-   read pages of events after `a` from Postgres and send those the user may read. A page may
+   or than `since`, the position after which the bus carries every event of the user's topics
+   (a topic subscribed by this connect has none of its earlier events in the window), read
+   pages of events after `a` from Postgres and send those the user may read. A page may
    run past the dispatcher: that is fine, `a` moves with it. Pages hold at most `page_size`
    events (a large transaction is split across pages: replay judges every event against the
    access state of the reconnect anyway), so a catch-up of any length holds one page at a
@@ -46,7 +50,7 @@ from sync.subscribers import Subscriber
 
 logger = logging.getLogger(__name__)
 
-INSTALL_ATTEMPTS = 3
+INSTALL_ATTEMPTS = 4
 
 UNAVAILABLE = "unavailable"
 """The `close` reason of a stream that could not be opened because Postgres failed during its
@@ -123,15 +127,17 @@ async def open_stream(
     try:
         yield first
         try:
-            cache, snapshot = await install_access(dispatcher, request.user_id)
+            cache, snapshot, since = await install_access(dispatcher, request.user_id)
             installed = True
             after, head = _start_position(dispatcher, request, snapshot)
             if head:
                 yield head
             elif request.after is not None:
                 subscriber.snapshot = request.prefetch
-            while after < dispatcher.window.floor:
-                chunk, after, count = await _page(dispatcher, request, subscriber, after, page_size)
+            while after < (floor := max(dispatcher.window.floor, since)):
+                chunk, after, count = await _page(
+                    dispatcher, request, subscriber, after, page_size, floor
+                )
                 replayed += count
                 if chunk:
                     yield chunk
@@ -210,22 +216,43 @@ def _frames(
     return frames
 
 
-async def install_access(dispatcher: Dispatcher, user_id: str) -> tuple[AccessCache, Snapshot]:
-    """Load `user_id`'s access in one snapshot, let the dispatcher reach its position, and
-    install it in the dispatcher's cache as one more holder (steps 1-2 of the module
-    docstring). Returns the cache it went into (the dispatcher's; a resync replaces it) and
-    the snapshot. Raises AccessLoadFailed after INSTALL_ATTEMPTS tries, and what Postgres
-    raises (`sync.faults.SERVICE_FAULTS`)."""
-    for _ in range(INSTALL_ATTEMPTS):
-        cache = dispatcher.cache
-        snapshot = await cache.load(dispatcher.pool, user_id, dispatcher.barrier)
-        if not await dispatcher.reached(snapshot.settled, DISPATCH_WAIT_S):
-            logger.debug("dispatcher behind position %d: installing ahead", snapshot.position)
-        if cache is not dispatcher.cache or snapshot.position < dispatcher.window.floor:
-            continue  # resynced, or moved past what the window can replay: load again
-        if cache.install(snapshot, dispatcher.window.after(snapshot.position)):
-            return cache, snapshot
-    raise AccessLoadFailed(f"could not install access of user {user_id!r}")
+async def install_access(dispatcher: Dispatcher, user_id: str) -> tuple[AccessCache, Snapshot, int]:
+    """Have the bus carry the user's topics, load `user_id`'s access in one snapshot, let the
+    dispatcher reach its position, and install it in the dispatcher's cache as one more holder
+    (steps 1-2 of the module docstring). Returns the cache it went into (the dispatcher's; a
+    resync replaces it), the snapshot, and `since`: the dispatcher dispatches the events of
+    the user's topics past it (`Dispatcher.subscribe`; 0 on a bus that carries every event),
+    so the catch-up reads Postgres up to it. A topic subscribed only after the snapshot (a
+    workspace the snapshot showed) may have `since` past it: the load is made again, since
+    the window cannot replay that topic's access changes. Raises AccessLoadFailed after
+    INSTALL_ATTEMPTS tries, and what Postgres raises (`sync.faults.SERVICE_FAULTS`)."""
+    topics = [user_channel(user_id)]
+    dispatcher.hold(topics, True)
+    try:
+        for _ in range(INSTALL_ATTEMPTS):
+            since = dispatcher.subscribe(topics)
+            cache = dispatcher.cache
+            snapshot = await cache.load(dispatcher.pool, user_id, dispatcher.barrier)
+            new = [
+                topic
+                for ws in sorted(snapshot.user.active_workspaces())
+                if (topic := workspace_channel(ws)) not in topics
+            ]
+            if new:
+                dispatcher.hold(new, True)
+                topics += new
+                since = dispatcher.subscribe(topics)
+            if not await dispatcher.reached(snapshot.settled, DISPATCH_WAIT_S):
+                logger.debug("dispatcher behind position %d: installing ahead", snapshot.position)
+            if cache is not dispatcher.cache or snapshot.position < max(
+                dispatcher.window.floor, since
+            ):
+                continue  # resynced, or moved past what the window can replay: load again
+            if cache.install(snapshot, dispatcher.window.after(snapshot.position)):
+                return cache, snapshot, since
+        raise AccessLoadFailed(f"could not install access of user {user_id!r}")
+    finally:
+        dispatcher.hold(topics, False)
 
 
 def _start_position(
@@ -249,9 +276,10 @@ async def _page(
     subscriber: Subscriber,
     after: int,
     page_size: int,
+    floor: int,
 ) -> tuple[Frame, int, int]:
     """The frames of the next page of history after `after`, where the next page starts, and
-    how many events the frames carry.
+    how many events the frames carry; past `floor` the dispatcher holds the rest.
 
     When retention has pruned events after `after`, the frame is `must-refetch` and the
     position jumps to the dispatcher's: live from now (PROTOCOL.md §3).
@@ -270,7 +298,7 @@ async def _page(
         return encode_must_refetch(reason), max(dispatcher.position, pruned), 0
     frames = _frames(events, dispatcher.cache, request, subscriber)
     if last == after:  # nothing more in Postgres: the window must already cover it
-        return b"".join(frames), max(after, dispatcher.window.floor), len(frames)
+        return b"".join(frames), max(after, floor), len(frames)
     return b"".join(frames), last, len(frames)
 
 

@@ -12,6 +12,22 @@ whose buffer is full is unregistered and closed as a slow consumer (PROTOCOL.md 
 centrifuge's `Hub.broadcastPublication` does.
 
 The last `window_events` events stay in a `RecentEvents` window for connects and catch-up.
+
+Degraded mode. While the bus cannot be read (`Bus.readable`: Redis down or unreachable), the
+relay and Postgres may be fine: every `degraded_poll_s` the dispatcher reads the outbox after
+its position instead (`watch_bus`), through the same `process`, so clients keep receiving,
+about one poll interval late. It stays degraded until a batch arrives from the bus again (a
+reader that reconnected before the relay publishes again would otherwise leave a stall);
+that batch's events up to the position are skipped and its `prev` reveals anything the bus
+lost, as after any gap: no event is missed or doubled across either switch. Readiness is not
+affected (turning every replica unready would move every client's reconnect onto nothing);
+`userstream_bus_degraded` and `/admin/status` report it.
+
+Topics. On the channel bus (`sync.bus_channels`) the bus carries only the topics the dispatcher
+`subscribe`s: a connect subscribes its user's topics (`sync.catchup`), and a connected user who
+turns active in a workspace has that workspace's topic subscribed in the middle of a batch,
+its events up to the batch's end read from Postgres and merged in (`_with_topics`).
+`sweep_topics` drops the topics no stream, connected user or held workspace needs.
 """
 
 import asyncio
@@ -19,23 +35,28 @@ import bisect
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import asyncpg
 
 from core.access import can_receive
-from core.channels import channel_for, workspace_channel
+from core.channels import channel_for, user_channel, workspace_channel
 from core.cursors import current_position
 from core.events import Event
 from core.frames import PING, encode_change
-from core.types import Frame
+from core.types import ChannelKey, Frame
 from sync import metrics
 from sync.access_cache import AccessCache
 from sync.barrier import RelayBarrier
 from sync.bus import Batch, Bus
-from sync.outbox import read_page
+from sync.faults import SERVICE_FAULTS
+from sync.outbox import read_page, read_topics
 from sync.retention import pruned_through
 from sync.subscribers import StreamSubscriberManager, Subscriber
+from sync.waits import wait_any
+
+DEGRADED_POLL_S = 0.5
+"""Default interval of the outbox reads of degraded mode, seconds (USERSTREAM_DEGRADED_POLL_S)."""
 
 PRESSURE_PAUSE_S = 0.005
 """How long the dispatcher lets sockets drain, after a transaction that filled half of some
@@ -90,7 +111,9 @@ class RecentEvents:
 class Dispatcher:
     """Routes events from the bus to subscribers (see the module docstring).
 
-    `retry_frame` makes the (jittered) `retry:` frame sent before a slow consumer's `close`.
+    `retry_frame` makes the (jittered) `retry:` frame sent before a slow consumer's `close`;
+    `degraded_poll_s` (> 0) is the interval of the outbox reads while the bus is unreadable,
+    seconds (module docstring).
     """
 
     def __init__(
@@ -103,6 +126,7 @@ class Dispatcher:
         window_events: int = 10_000,
         page_size: int = 500,
         retry_frame: Callable[[], Frame] = lambda: b"",
+        degraded_poll_s: float = DEGRADED_POLL_S,
     ) -> None:
         self.bus = bus
         self.pool = pool
@@ -113,6 +137,15 @@ class Dispatcher:
         self.position = 0
         self.page_size = page_size
         self.retry_frame = retry_frame
+        self.degraded_poll_s = degraded_poll_s
+        self.degraded = False
+        """True while the bus is unreadable and the outbox is read instead (`watch_bus`)."""
+        self._lock = asyncio.Lock()
+        """Held while events are taken from the bus or from the outbox: one at a time."""
+        self._subscribed: set[ChannelKey] = set()
+        """Topics this dispatcher asked the bus to carry (`subscribe`)."""
+        self._holds: dict[ChannelKey, int] = {}
+        """Topics of streams being opened, with how many open each (`hold`)."""
         self.delivered = 0
         self.slow_consumers = 0
         self._advanced = asyncio.Event()
@@ -129,7 +162,16 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Dispatch every batch from the bus until `stop` is set; restart after failures
-        (Postgres down while filling a gap) with jittered backoff, resuming from `position`."""
+        (Postgres down while filling a gap) with jittered backoff, resuming from `position`.
+        Meanwhile `watch_bus` reads the outbox whenever the bus cannot be read."""
+        watch = asyncio.ensure_future(self.watch_bus(stop))
+        try:
+            await self._read_bus(stop)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
+    async def _read_bus(self, stop: asyncio.Event) -> None:
         delay = 0.1
         while not stop.is_set():
             reader = asyncio.ensure_future(self._consume())
@@ -152,21 +194,65 @@ class Dispatcher:
             await self.handle(batch)
 
     async def handle(self, batch: Batch) -> None:
-        """Take one batch: fill a gap before it from Postgres, then dispatch what is new."""
-        metrics.BUS_EVENTS.inc(len(batch.events))
-        if batch.prev > self.position:
-            await self.fill(batch.prev)
-        await self.process([e for e in batch.events if e.seq > self.position])
+        """Take one batch from the bus (which ends degraded mode): fill a gap before it from
+        Postgres, then dispatch what is new."""
+        async with self._lock:
+            if self.degraded:
+                self._set_degraded(False)
+            metrics.BUS_EVENTS.inc(len(batch.events))
+            if batch.prev > self.position:
+                await self.fill(batch.prev)
+            await self.process([e for e in batch.events if e.seq > self.position])
+            if batch.last > self.position:  # a topic reader's batch reaches past its events
+                self.position = batch.last
+                self._signal_advance()
 
     async def fill(self, upto: int) -> None:
-        """Read and dispatch outbox events after `position` up to at least `upto`.
+        """Read and dispatch outbox events after `position` up to at least `upto`
+        (`_read_outbox`)."""
+        logger.info("filling events %d..%d from Postgres", self.position + 1, upto)
+        metrics.GAP_FILLS.inc()
+        await self._read_outbox(upto)
+
+    async def watch_bus(self, stop: asyncio.Event) -> None:
+        """Degraded mode (module docstring): every `degraded_poll_s` until `stop`, while the
+        bus is unreadable and until a batch arrives from it again, dispatch every event the
+        outbox holds after `position`. A failure of Postgres is logged and retried at the
+        next turn."""
+        while not stop.is_set():
+            await wait_any((stop,), self.degraded_poll_s)
+            if not self.degraded and not self.bus.readable():
+                self._set_degraded(True)
+            if not self.degraded or stop.is_set():
+                continue
+            try:
+                async with self._lock:
+                    if self.degraded:
+                        metrics.DEGRADED_EVENTS.inc(await self._read_outbox(None))
+            except SERVICE_FAULTS as exc:
+                logger.warning("degraded mode: reading the outbox failed: %r", exc)
+
+    def _set_degraded(self, degraded: bool) -> None:
+        self.degraded = degraded
+        metrics.BUS_DEGRADED.set(int(degraded))
+        if degraded:
+            logger.warning(
+                "bus unreadable: reading the outbox every %s s from position %d instead",
+                self.degraded_poll_s,
+                self.position,
+            )
+        else:
+            logger.info("bus readable again at position %d: degraded mode ends", self.position)
+
+    async def _read_outbox(self, upto: int | None) -> int:
+        """Read and dispatch outbox events after `position`, page by page, up to at least
+        `upto` (None: all there are); returns how many were dispatched.
 
         If retention has pruned some of them (`sync.retention.pruned_through`, read after each
         page), they are lost to every connected stream: `resync`.
         """
-        logger.info("filling events %d..%d from Postgres", self.position + 1, upto)
-        metrics.GAP_FILLS.inc()
-        while self.position < upto:
+        dispatched = 0
+        while upto is None or self.position < upto:
             async with self.pool.acquire() as conn:
                 page = await read_page(conn, self.position, self.page_size)
                 pruned = await pruned_through(conn)
@@ -174,9 +260,11 @@ class Dispatcher:
                 self.resync(pruned)
                 continue
             if page.last == self.position:
-                return
+                break
             await self.process(page.events)
+            dispatched += len(page.events)
             self.position = max(self.position, page.last)
+        return dispatched
 
     def resync(self, position: int) -> None:
         """Events after `position`'s predecessor up to `position` are lost: close every stream
@@ -201,6 +289,7 @@ class Dispatcher:
             return
         missing = self.cache.missing_workspaces(events)
         if missing:
+            events = await self._with_topics([workspace_channel(ws) for ws in missing], events)
             await self.cache.load_workspaces(
                 self.pool, missing, at=self.position, barrier=self.barrier
             )
@@ -215,8 +304,56 @@ class Dispatcher:
                 self.flush()
                 await asyncio.sleep(PRESSURE_PAUSE_S)
         self.cache.evict_idle()
+        self._signal_advance()
+
+    def _signal_advance(self) -> None:
         self._advanced.set()
         self._advanced = asyncio.Event()
+
+    async def _with_topics(
+        self, topics: list[ChannelKey], events: Sequence[Event]
+    ) -> Sequence[Event]:
+        """`events` with those of `topics` that a topic reader has not carried: a connected
+        user turned active in a workspace, whose topic the bus reads from `since` on
+        (`Bus.subscribe`); its events in `(position, since]` come from Postgres, merged in
+        position order (`since` is at most the end of the batch being dispatched)."""
+        since = self.subscribe(topics)
+        if since <= self.position:
+            return events
+        async with self.pool.acquire() as conn:
+            extra = await read_topics(conn, topics, self.position, since)
+        merged = {e.seq: e for e in (*events, *extra)}
+        return [merged[p] for p in sorted(merged)]
+
+    def subscribe(self, topics: Collection[ChannelKey]) -> int:
+        """Have the bus carry `topics` (`Bus.subscribe`) from the dispatcher's position on;
+        returns `since`: events of them past it are dispatched. Topics stay subscribed while
+        some stream, connected user or held workspace needs them, or a `hold` names them
+        (`sweep_topics`)."""
+        self._subscribed.update(topics)
+        return self.bus.subscribe(topics, self.position)
+
+    def hold(self, topics: Collection[ChannelKey], held: bool) -> None:
+        """Keep `topics` subscribed while a stream opens (`held`), or let them go."""
+        for topic in topics:
+            count = self._holds.get(topic, 0) + (1 if held else -1)
+            if count > 0:
+                self._holds[topic] = count
+            else:
+                self._holds.pop(topic, None)
+
+    async def sweep_topics(self) -> None:
+        """Unsubscribe the topics nothing needs any more: no stream listens on them, no
+        connected user or held workspace is theirs, no `hold` names them. Runs between two
+        batches, so that no workspace is loaded meanwhile."""
+        async with self._lock:
+            needed = set(self.manager.channel_counts())
+            needed.update(user_channel(user) for user in self.cache.state.users)
+            needed.update(workspace_channel(ws) for ws in self.cache.state.streams)
+            idle = self._subscribed - needed - self._holds.keys()
+            if idle:
+                self.bus.unsubscribe(idle)
+                self._subscribed -= idle
 
     async def reached(self, position: int, timeout_s: float) -> bool:
         """Wait until every event up to `position` is dispatched; False after `timeout_s`."""

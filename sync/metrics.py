@@ -117,6 +117,28 @@ CATCHUP_EVENTS = Histogram(
     "Events replayed to a connection that resumed from a cursor (window and Postgres pages).",
     buckets=(0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000),
 )
+BUS_RECEIVED_BYTES = Counter(
+    "userstream_bus_received_bytes",
+    "Bytes of pub/sub messages received from the channel bus, by kind: topic messages (the"
+    " replica's own topics) and ticks (every node's, for every batch).",
+    ["kind"],
+)
+BUS_RECEIVED_EVENTS = Counter(
+    "userstream_bus_received_events",
+    "Events decoded from the topic messages of the channel bus (the replica's own topics).",
+)
+BUS_TOPICS = Gauge(
+    "userstream_bus_topics", "Topics (user:, workspace:) this replica reads on the channel bus."
+)
+BUS_DEGRADED = Gauge(
+    "userstream_bus_degraded",
+    "1 while this gateway cannot read the bus and reads the Postgres outbox instead"
+    " (every USERSTREAM_DEGRADED_POLL_S), else 0.",
+)
+DEGRADED_EVENTS = Counter(
+    "userstream_degraded_events",
+    "Events the dispatcher read from the Postgres outbox while the bus was unreadable.",
+)
 GAP_FILLS = Counter(
     "userstream_gap_fills", "Gaps in the bus (lost batches) filled from the Postgres outbox."
 )

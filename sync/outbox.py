@@ -16,6 +16,7 @@ import orjson
 
 from core.events import Event, MalformedEvent
 from core.types import Connection, Row
+from sync.topics import WORKSPACE_STATE_TYPES, split_topics
 
 COLUMNS = (
     "id, seq, xid, type, resource_type, action, entity_id, workspace_id, stream_id,"
@@ -97,3 +98,28 @@ async def record_dead_letters(conn: Connection, malformed: Sequence[Malformed]) 
             for m in malformed
         ],
     )
+
+
+_TOPICS = (
+    f"{_SELECT} WHERE seq > $1 AND seq <= $2 AND (user_id = ANY($3::text[])"
+    " OR (workspace_id = ANY($4::text[])"
+    " AND (user_id IS NULL OR resource_type = ANY($5::text[])))) ORDER BY seq"
+)
+
+
+async def read_topics(
+    conn: Connection, topics: Sequence[str], after: int, upto: int
+) -> list[Event]:
+    """The valid events of the bus topics `topics` (`sync.topics`) with `after < seq <= upto`,
+    in position order, by the indexes of core/schema/005_topic_history.sql. Rows that are
+    not valid events are left out (the relay keeps them in `outbox_dead_letters`). Raises
+    ValueError for a key that is not a topic."""
+    users, workspaces = split_topics(list(topics))
+    rows = await conn.fetch(_TOPICS, after, upto, users, workspaces, sorted(WORKSPACE_STATE_TYPES))
+    events = []
+    for row in rows:
+        try:
+            events.append(Event.from_row(row))
+        except MalformedEvent:
+            continue
+    return events

@@ -26,7 +26,9 @@ nothing, and readers skip positions they have (`sync.bus`).
 
 Failures restart the loop, not the step (centrifuge's `runForever`), after a jittered
 exponential backoff (redis-py's `EqualJitterBackoff`: base `BACKOFF_BASE_S`, capped at
-`BACKOFF_CAP_S`), forever: a relay outlives outages of Postgres and of the bus. After a
+`BACKOFF_CAP_S`; a bus that refuses a publish while Postgres answers is tried again after at
+most `sync.wal.BUS_RETRY_S`, since gateways read the outbox until it is back), forever: a
+relay outlives outages of Postgres and of the bus. After a
 failure the relay keeps its connection, and so its leadership, only when that connection
 still answers (the bus failed); otherwise it drops it, reconnects, competes for leadership
 again, re-LISTENs and polls at once, since notifications sent meanwhile are gone.
@@ -62,7 +64,7 @@ from sync.outbox import Page, read_page, record_dead_letters
 from sync.replication import REPLICATION_FAULTS
 from sync.retention import Pruner
 from sync.waits import wait_any
-from sync.wal import PgConnection, WalIngest
+from sync.wal import BUS_RETRY_S, PgConnection, WalIngest
 
 logger = logging.getLogger(__name__)
 
@@ -372,6 +374,8 @@ class OutboxRelay:
         delay = self._backoff.compute(self._failures)
         traceback = not isinstance(exc, _FAULTS)
         if self.is_leader and await self._answers():
+            if isinstance(exc, ConnectionError):  # the bus refused; gateways read the outbox
+                delay = min(delay, BUS_RETRY_S)
             logger.warning(
                 "relay step failed at position %d, retrying in %.2f s: %r",
                 self.position,

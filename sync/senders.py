@@ -84,7 +84,7 @@ class SenderAccess:
     async def _load(self, user_id: str) -> None:
         """Install `user_id`'s access as a connect does (`sync.catchup.install_access`), then
         hold it."""
-        cache, _ = await install_access(self.dispatcher, user_id)
+        cache, _, _ = await install_access(self.dispatcher, user_id)
         self._held[user_id] = (cache, self._clock() + self.hold_s)
 
     def _loaded(self, user_id: str, done: asyncio.Future[None]) -> None:

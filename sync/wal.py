@@ -31,6 +31,12 @@ meanwhile are decoded into the next group, and the previous group is still being
 Groups are published one at a time, in order, each naming the last position of the one
 before (`Batch.prev`), and each is acknowledged only after its own publish.
 
+Bus outages. Positions are durable in Postgres before anything is published, so a bus that
+refuses a publish (Redis down: ConnectionError) stops only the publishing: the relay goes on
+positioning and acknowledging the slot, gateways read the positioned rows from the outbox
+(degraded mode, `sync.dispatcher`), and every `BUS_RETRY_S` the relay publishes what it owes,
+`(position, assigned]`, from Postgres, in order, before it publishes any new group.
+
 Exactly once. A transaction is positioned once: after a crash the slot sends again what was
 not acknowledged, and transactions that end at or before the recorded `lsn` are skipped,
 their positions being already durable; events positioned but perhaps never published (a crash
@@ -48,6 +54,7 @@ existed are positioned then; only their relative order is by id rather than by c
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -74,6 +81,9 @@ from sync.pgoutput import (
 from sync.replication import ReplicationStream, format_lsn
 
 logger = logging.getLogger(__name__)
+
+BUS_RETRY_S = 0.5
+"""While the bus refuses publishes, how often the relay tries again, seconds."""
 
 VISIBILITY_WAIT_S = 5.0
 """Longest wait for a streamed transaction to become visible before its rows are taken as
@@ -413,6 +423,8 @@ class WalIngest:
         self._reader = TransactionReader()
         self._ahead: list[Transaction] = []  # read while the previous group was positioned
         self._publishing: asyncio.Future[None] | None = None
+        self._bus_failed_at: float | None = None
+        """Monotonic time of the last refused publish, while `(position, assigned]` is owed."""
 
     async def start(self, conn: PgConnection) -> None:
         """Open the slot's stream (creating the slot and bootstrapping when it is missing or
@@ -440,7 +452,7 @@ class WalIngest:
         if not exists:
             new = await self._stream.create_slot(self.timeout_s)
             await self._bootstrap(conn, new.snapshot, new.consistent_lsn)
-        await self._republish(conn)
+        await self._publish_owed(conn)
         await self._stream.start(self.lsn, self.timeout_s)
         logger.info(
             "relay reading slot %s from %s at position %d",
@@ -457,13 +469,16 @@ class WalIngest:
         group, the messages that arrived meanwhile are read and decoded; the group is
         published once the previous group's publish (started by the previous step) is done,
         and acknowledged after its own. The publish may still run when the step returns;
-        `flush()` waits for it. `conn` is free again when the step returns. Raises what
-        asyncpg, psycopg2 or `bus.publish` raise (a failed publish surfaces at the next
-        step); the caller then closes this ingest and starts a new one, which publishes
-        again what was positioned (`start`).
+        `flush()` waits for it. `conn` is free again when the step returns. While the bus
+        refuses publishes (ConnectionError) positioning goes on and what is owed is published
+        later (module docstring, "Bus outages"). Raises what asyncpg or psycopg2 raise, and
+        what else `bus.publish` raises (surfacing at the next step); the caller then closes
+        this ingest and starts a new one, which publishes again what was positioned (`start`).
         """
-        if self._publishing is None and self.position < self.assigned:
-            await self._republish(conn)
+        failed_at = self._bus_failed_at
+        if failed_at is not None and time.monotonic() - failed_at >= BUS_RETRY_S:
+            await self.flush()
+            await self._publish_owed(conn)
         txns, self._ahead = self._ahead, []
         if not txns:
             txns = await self._read(0.0 if self._publishing else wait_s)
@@ -540,9 +555,38 @@ class WalIngest:
         return txns
 
     async def _publish_group(self, done: Positioned) -> None:
-        await self._publish(done.events)
-        self.position = done.assigned
+        """Publish a positioned group unless earlier positions are still owed to the bus
+        (they go first, from Postgres: `_publish_owed`), then acknowledge the slot: the
+        positions are durable either way."""
+        if self._bus_failed_at is None:
+            try:
+                await self._publish(done.events)
+                self.position = done.assigned
+            except ConnectionError as exc:
+                self._bus_refused(exc)
         self._stream.acknowledge(done.lsn)
+
+    async def _publish_owed(self, conn: Connection) -> None:
+        """Publish `(position, assigned]` from Postgres (`_republish`); when the bus refuses,
+        note it and leave the rest owed."""
+        try:
+            await self._republish(conn)
+        except ConnectionError as exc:
+            self._bus_refused(exc)
+            return
+        if self._bus_failed_at is not None:
+            self._bus_failed_at = None
+            logger.info("the bus accepts publishes again: published up to %d", self.position)
+
+    def _bus_refused(self, exc: ConnectionError) -> None:
+        log = logger.debug if self._bus_failed_at is not None else logger.warning
+        log(
+            "the bus refused a publish (%s): positioning goes on, publishing from position %d"
+            " once it answers",
+            exc,
+            self.position,
+        )
+        self._bus_failed_at = time.monotonic()
 
     async def _publish(self, events: list[Event]) -> None:
         if events:

@@ -50,6 +50,13 @@ _SLOT_DROP_TIMEOUT_S: Final = 5.0
 INGEST: Mode = "trigger" if os.environ.get("USERSTREAM_TEST_INGEST") == "trigger" else "wal"
 """The ingest mode of every test database of this run (`USERSTREAM_TEST_INGEST`, default wal)."""
 
+BUS = os.environ.get("USERSTREAM_TEST_BUS", "stream")
+"""The bus of this run's gateways and relays (`USERSTREAM_TEST_BUS`): `stream` (the default,
+one Redis Stream), `channels` (the channel bus on the same Redis) or `cluster` (the channel
+bus on a throwaway three-node Redis Cluster, `tests.redis_cluster`)."""
+if BUS not in ("stream", "channels", "cluster"):
+    raise ValueError(f"USERSTREAM_TEST_BUS must be stream, channels or cluster, not {BUS!r}")
+
 
 @dataclass(frozen=True)
 class PgServer:
@@ -217,6 +224,12 @@ def _redis_reachable(url: str) -> bool:
 def redis_server() -> Iterator[str]:
     """A Redis URL for this test session (a throwaway server if none is reachable)."""
     explicit = os.environ.get("USERSTREAM_TEST_REDIS")
+    if BUS == "cluster":
+        from tests.redis_cluster import RedisCluster  # it imports this module
+
+        with RedisCluster() as cluster:
+            yield cluster.url
+        return
     if explicit:
         yield explicit
         return

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.harness import JWT_SECRET, Processes
+from tests.services import BUS
 
 
 @pytest.fixture
@@ -21,6 +22,7 @@ def processes(database_url: str, redis_url: str, redis_prefix: str) -> Iterator[
         # Presence frames would come between the frames other tests expect; tests of
         # presence turn it on (tests/e2e/test_presence.py).
         "USERSTREAM_PRESENCE": "false",
+        "USERSTREAM_BUS": "stream" if BUS == "stream" else "channels",
     }
     running = Processes(env)
     yield running

@@ -24,7 +24,8 @@ import orjson
 from httpx_sse import ServerSentEvent, aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.services import free_port
+from sync.bus_channels import ChannelBus
+from tests.services import BUS, free_port
 
 JWT_SECRET = "e2e-secret-that-is-long-enough-for-hs256"
 
@@ -180,6 +181,21 @@ async def scrape(url: str) -> Samples:
         for family in text_string_to_metric_families(response.text)
         for s in family.samples
     }
+
+
+async def control_channel(redis_url: str, channel: str) -> tuple[str, str]:
+    """Where the gateways' pub/sub `channel` (`{prefix}signals`, `{prefix}presence`) lives:
+    (Redis URL, channel name). On a Redis Cluster the channel bus keeps it on the node of its
+    control hash tag, under the tagged prefix (`sync.bus_channels.ChannelBus.control_bus`)."""
+    if BUS != "cluster":
+        return redis_url, channel
+    prefix, _, suffix = channel.rpartition(":")
+    bus = ChannelBus(redis_url, f"{prefix}:")
+    try:
+        control = await bus.control_bus()
+        return control.url, f"{control.signals_channel.removesuffix('signals')}{suffix}"
+    finally:
+        await bus.close()
 
 
 async def eventually(

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from tests.e2e.harness import Gateway, Processes, scrape, token
+from tests.e2e.harness import Gateway, Processes, control_channel, scrape, token
 from tests.e2e.sequence import seed
 from tests.factories import PUBLISHED
 from tests.sse import parse
@@ -100,7 +100,9 @@ async def seed_world(db: asyncpg.Connection) -> None:
 
 
 async def subscribed(redis_url: str, channel: str, gateways: int) -> None:
-    """Wait until `gateways` subscriptions listen on the signal channel (PUBSUB NUMSUB)."""
+    """Wait until `gateways` subscriptions listen on the pub/sub `channel` (PUBSUB NUMSUB):
+    `{prefix}signals` or `{prefix}presence` (`control_channel` finds it on a cluster)."""
+    redis_url, channel = await control_channel(redis_url, channel)
     client = aioredis.Redis.from_url(redis_url)
     try:
         deadline = time.monotonic() + WAIT_S

@@ -8,14 +8,17 @@ user may see, in order, each event once.
 
 Faults, and how each is made to hit the path it tests rather than left to timing:
 - Redis killed and restarted on its port, then FLUSHALL. One gateway is paused (SIGSTOP)
-  meanwhile, so batches only Redis held never reach it and it must fill the gap from Postgres
-  (its log shows it). While it is behind and Redis is still down, a client moves to it with a
-  cursor past its position.
+  meanwhile, so batches only Redis held never reach it and it must read them from Postgres
+  (its log shows it: degraded mode while Redis is down, a gap fill after the FLUSHALL). While
+  it is behind and Redis is still down, a client moves to it with a cursor past its position.
 - The active relay killed with SIGKILL while a standby waits. A row lock on `outbox_relay`
   holds the relay after it published a batch and before it recorded its position, so the
   standby publishes those events again and the gateways must skip them (the bus shows it).
 - A gateway killed with SIGKILL: its clients resume on the other one, one of them only once
   its cursor has left the survivor's window of recent events, so its catch-up pages Postgres.
+- Redis down for `OUTAGE_S` while events flow: the gateways read the outbox instead (degraded
+  mode), and every client keeps receiving throughout, then switches back to the bus with nothing
+  missed or doubled; both gateways stay ready and report the mode.
 - Every Postgres connection of the test's database terminated (`pg_terminate_backend`; the
   shared server itself is never restarted), three times, while clients keep reconnecting.
 A notification lost to the relay is covered by its poll (`tests/integration/test_relay.py`,
@@ -40,7 +43,7 @@ from sync.bus import Batch
 from sync.bus_redis import EVENTS_KEY_SUFFIX, PAYLOAD_FIELD
 from sync.leader import holder_pid
 from sync.relay import APPLICATION_NAME_PREFIX
-from tests.e2e.harness import Gateway, Processes
+from tests.e2e.harness import Gateway, Processes, scrape
 from tests.e2e.sequence import (
     WAIT_S,
     Publisher,
@@ -50,7 +53,7 @@ from tests.e2e.sequence import (
     expected_for,
     seed,
 )
-from tests.services import INGEST, PgServer, RedisProcess
+from tests.services import BUS, INGEST, PgServer, RedisProcess
 
 Connect = Callable[..., Awaitable[ResumingClient]]
 
@@ -61,6 +64,9 @@ older than that pages its catch-up from Postgres."""
 TAKEOVER_BOUND_S = 15.0
 """How long the standby relay may take to lead after the active one is killed (generous: the
 design aims at well under 5 s with a 0.5 s standby retry)."""
+
+OUTAGE_S = 20.0
+"""How long Redis stays down in the degraded-mode test, seconds."""
 
 TERMINATE_ALL = """
 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -270,8 +276,62 @@ async def test_gateways_outlive_a_redis_restart_and_a_flushall_filling_gaps_from
     await caught_up(everyone, publisher)
 
     await finish(db, publisher, everyone)
-    fills = log_file.read_text().count("filling events")
-    assert fills >= 2, f"the frozen gateway filled {fills} gaps from Postgres, expected 2"
+    # After the FLUSHALL it fills a gap; while Redis is down it reads the outbox (degraded
+    # mode) once it notices, or else fills that gap too when Redis is back. (The channel bus
+    # keeps nothing in Redis for a FLUSHALL to take: its gaps are tested in test_channel_bus.)
+    log = log_file.read_text()
+    fills, degraded = log.count("filling events"), log.count("bus unreadable")
+    assert BUS != "stream" or (fills >= 1 and fills + degraded >= 2), (
+        f"the frozen gateway read Postgres {fills} times to fill a gap and {degraded} times"
+        " for being degraded, expected a gap fill and one more of either"
+    )
+
+
+async def test_while_redis_is_down_the_outbox_serves_every_client_and_nothing_is_lost_or_doubled(
+    redis_server: RedisProcess,
+    processes: Processes,
+    db: asyncpg.Connection,
+    publisher: Publisher,
+    clients: Connect,
+) -> None:
+    await seed(db)
+    env = {"REDIS_URL": redis_server.url}
+    processes.start("relay", env=env)
+    first, second = processes.gateway(env=env), processes.gateway(env=env)
+    everyone = [
+        await clients("alice", [first.url], name="alice@first"),
+        await clients("bob", [second.url], name="bob@second"),
+        await clients("alice", [second.url, first.url], name="alice-churning", churn_s=0.5),
+        await clients("bob", [first.url, second.url], name="bob-churning", churn_s=0.7),
+    ]
+    publisher.start()
+    await publisher.wait_count(30)
+    await caught_up(everyone, publisher)
+
+    redis_server.stop()
+    down_at = time.monotonic()
+    rounds = 0
+    while time.monotonic() - down_at < OUTAGE_S:
+        await publisher.wait_count(publisher.count + 20)
+        await caught_up(everyone, publisher)  # delivered while Redis is down
+        rounds += 1
+    for gateway in (first, second):
+        status, body = await readiness(gateway.url)
+        assert (status, body["bus"], body["degraded"]) == (200, "unavailable", True), body
+        samples = await scrape(f"{gateway.url}/metrics")
+        assert samples[("userstream_bus_degraded", ())] == 1.0
+        assert samples[("userstream_degraded_events_total", ())] > 0
+    redis_server.start()
+
+    async def back_on_the_bus() -> bool:
+        bodies = [(await readiness(g.url))[1] for g in (first, second)]
+        return not any(body["degraded"] for body in bodies)
+
+    await eventually(back_on_the_bus, "both gateways reading the bus again")
+    await publisher.wait_count(publisher.count + 30)
+    await caught_up(everyone, publisher)
+    await finish(db, publisher, everyone)
+    assert rounds >= 5, f"only {rounds} rounds of delivery while Redis was down"
 
 
 async def test_the_standby_relay_takes_over_from_a_killed_one_and_nothing_arrives_twice(

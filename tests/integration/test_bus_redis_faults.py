@@ -42,9 +42,11 @@ async def test_reader_survives_a_redis_restart_and_gets_later_batches(
     reader = readers(bus)
     assert await bus.publish(batch(0, 1, 2))
     await reader.reach(2)
+    assert bus.readable() is True
 
     server.stop()
     await wait_for_record(caplog, "failed (1 in a row)")  # the reader saw the outage
+    assert bus.readable() is False  # the dispatcher reads the outbox meanwhile
     assert await bus.ping() is False
     with pytest.raises(ConnectionError, match="publishing batch up to 3"):
         await bus.publish(batch(2, 3))
@@ -57,6 +59,7 @@ async def test_reader_survives_a_redis_restart_and_gets_later_batches(
     assert reader.batches == [batch(0, 1, 2), batch(3, 4), batch(4, 5)]
     assert reader.batches[1].prev > reader.batches[0].last  # the lost event 3 shows as a gap
     assert await bus.ping() is True
+    assert bus.readable() is True
     await wait_for_record(caplog, "again after")
 
 
