@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-channels test-cluster lint chromium format bench bench-quick bench-latency bench-writers chaos clean
+.PHONY: install demo test test-bench test-channels test-cluster lint chromium format bench bench-quick bench-latency bench-writers chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,12 @@ lint: $(STAMP)
 	$(BIN)/mypy core sync gateway
 
 # The browser client's Node unit tests; every test in wal ingest mode (the default), browser
-# tests (tests/browser, Debian's /usr/bin/chromium) included; then the trigger-mode suite: the
-# tests of its own relay and schema, and the end-to-end guarantees again (tests/conftest.py),
-# without the integration tests that no ingest mode touches (Redis faults, presence, the SQL
-# reference, the throwaway server, the Redis Cluster fixture), and with half the access
-# property's examples.
+# tests (tests/browser, Debian's /usr/bin/chromium) included, but the benchmarks' slow smoke
+# tests (BENCH_SMOKE below); then the trigger-mode suite: the tests of its own relay and
+# schema, and the end-to-end guarantees again (tests/conftest.py), without the integration
+# tests that no ingest mode touches (Redis faults, presence, the SQL reference, the throwaway
+# server, the Redis Cluster fixture). The access property runs 30 and 25 examples (its soak,
+# thousands: README).
 TRIGGER_SUITE := tests/integration tests/e2e/test_access_property.py tests/e2e/test_faults.py \
 	tests/e2e/test_stream.py tests/e2e/test_must_refetch.py
 TRIGGER_SKIPS := $(addprefix --ignore=tests/integration/,test_bus_redis_faults.py \
@@ -41,15 +42,23 @@ chromium:
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
+# The smoke tests of the benchmarks of Redis outages, fan-out and capacity inputs start many
+# processes for seconds each: `make test-bench` runs them, `make test` leaves them out.
+BENCH_SMOKE := tests/bench/test_degraded_smoke.py tests/bench/test_fanout_smoke.py \
+	tests/bench/test_capacity_smoke.py
+
 test: lint chromium
 	node --test client/test/
-	USERSTREAM_PROPERTY_EXAMPLES=60 $(BIN)/pytest
-	USERSTREAM_TEST_INGEST=trigger USERSTREAM_PROPERTY_EXAMPLES=50 $(BIN)/pytest $(TRIGGER_SUITE) \
+	USERSTREAM_PROPERTY_EXAMPLES=30 $(BIN)/pytest $(addprefix --ignore=,$(BENCH_SMOKE))
+	USERSTREAM_TEST_INGEST=trigger USERSTREAM_PROPERTY_EXAMPLES=25 $(BIN)/pytest $(TRIGGER_SUITE) \
 		$(TRIGGER_SKIPS)
+
+test-bench: $(STAMP)
+	$(BIN)/pytest $(BENCH_SMOKE)
 
 # The end-to-end and browser suites again with every gateway and relay on the channel bus
 # (USERSTREAM_BUS=channels): on the tests' Redis, then on a throwaway three-node Redis Cluster
-# (tests/redis_cluster.py). About six minutes each; not part of `make test`.
+# (tests/redis_cluster.py). About ten minutes each; not part of `make test`.
 test-channels: $(STAMP)
 	USERSTREAM_TEST_BUS=channels $(BIN)/pytest tests/e2e tests/browser
 

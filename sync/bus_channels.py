@@ -91,7 +91,7 @@ class ChannelBus:
         self._since: dict[ChannelKey, int] = {}
         self._merge: TopicMerge | None = None
         self._listeners: list[NodeListener] = []
-        self._queue: asyncio.Queue[Item | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[list[Item] | None] = asyncio.Queue()
         self._closed = asyncio.Event()
 
     # -- naming ---------------------------------------------------------------------------
@@ -208,7 +208,7 @@ class ChannelBus:
             return
         shards = await self._discover()
         merge = TopicMerge(after, shards.size)
-        queue: asyncio.Queue[Item | None] = asyncio.Queue()
+        queue: asyncio.Queue[list[Item] | None] = asyncio.Queue()
         self._queue = queue
         listeners = [
             NodeListener(node, url, queue, self._closed, (self._ticks[node],))
@@ -224,14 +224,7 @@ class ChannelBus:
         try:
             ended = False
             while not ended:
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                for item in items:
-                    if item is None:
-                        ended = True
-                        break
-                    self._take(merge, item)
+                ended = self._take_all(merge, [await queue.get()], queue)
                 batch = await self._step(merge)
                 if batch is not None:
                     yield batch
@@ -240,6 +233,22 @@ class ChannelBus:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _take_all(
+        self,
+        merge: TopicMerge,
+        reads: list[list[Item] | None],
+        queue: "asyncio.Queue[list[Item] | None]",
+    ) -> bool:
+        """Take `reads` and everything queued behind them; True when the end (None) came."""
+        while not queue.empty():
+            reads.append(queue.get_nowait())
+        for items in reads:
+            if items is None:
+                return True
+            for item in items:
+                self._take(merge, item)
+        return False
 
     def _take(self, merge: TopicMerge, item: Item) -> None:
         if isinstance(item, Heard):

@@ -10,29 +10,28 @@ its messages in one pipeline, in the order given: a node delivers them to each s
 that order. The slot map is read once; a cluster whose slots move needs the gateways
 restarted (see the README).
 
-`NodeListener` holds one subscription connection to one node, as `sync.signals_redis`'s
-listener does (FIELD-NOTES §4: its own connection, no retries inside redis-py, backoff with
-jitter, a finite `get_message` wait), with a set of shard channels that may grow and shrink:
-changes are sent between two waits, so `LISTEN_POLL_S` bounds how long a new channel waits for
-its SSUBSCRIBE. What it hears goes to one queue as `Heard` items, in the node's order, with a
-`Listening` item per confirmed SSUBSCRIBE command (`whole` after a (re)connection, whose one
-command names every channel) and `Lost` when the connection drops.
+`NodeListener` holds one subscription connection to one node, with a set of shard channels
+that may grow and shrink (`want` and `drop` send SSUBSCRIBE and SUNSUBSCRIBE at once); on a
+failure it reconnects with backoff and jitter and subscribes its whole set again (FIELD-NOTES
+§4: its own connection, no retries inside a client library). What it hears goes to one queue,
+one list of items per socket read, in the node's order: `Heard` for each message, a
+`Listening` item per confirmed SSUBSCRIBE (`whole` once a (re)connection's whole set is
+confirmed) and `Lost` when the connection drops.
 """
 
 import asyncio
 import logging
+import ssl
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
+import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sync.redis_retry import Outages
@@ -45,9 +44,15 @@ CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 2.0
 """Seconds a publish pipeline, or a command on a subscription, may take."""
 
-LISTEN_POLL_S = 0.05
-"""Seconds one `get_message` of a listener waits: also the longest a new channel waits for
-its SSUBSCRIBE to be sent."""
+WATCHDOG_IDLE_S = 15.0
+"""Seconds a subscription connection may receive nothing before it is sent a `PING`."""
+
+PONG_TIMEOUT_S = 5.0
+"""Seconds after that `PING` within which something must arrive, or the connection is made
+again."""
+
+READ_BYTES = 1 << 16
+"""Bytes asked for per read of a subscription connection."""
 
 SUBSCRIBE_CHUNK = 1000
 """Channels named by one SSUBSCRIBE or SUNSUBSCRIBE command at most."""
@@ -197,15 +202,22 @@ class Shards:
 
 class NodeListener:
     """One subscription connection to node `node` at `url`, for a changing set of shard
-    channels (see the module docstring), putting what it hears on `queue` until `closed`.
-    `always` names channels it always holds (the node's tick channel). Create it inside a
-    running event loop, then `run()` it as a task."""
+    channels (see the module docstring), putting what it hears on `queue` until `closed`:
+    one list of items per read from the socket. `always` names channels it always holds
+    (the node's tick channel). Create it inside a running event loop, then `run()` it.
+
+    The connection is its own (asyncio streams, replies parsed by hiredis's `Reader`, several
+    per read): redis-py's pub/sub client costs tens of µs per message and must poll to send a
+    new subscription (bench/RESULTS.md, "Interest-based fan-out"). `want` and `drop` write
+    their SSUBSCRIBE/SUNSUBSCRIBE at once. A watchdog sends PING after `WATCHDOG_IDLE_S` of
+    silence and drops a connection that answers nothing within `PONG_TIMEOUT_S`.
+    """
 
     def __init__(
         self,
         node: int,
         url: str,
-        queue: "asyncio.Queue[Item | None]",
+        queue: "asyncio.Queue[list[Item] | None]",
         closed: asyncio.Event,
         always: Iterable[str] = (),
     ) -> None:
@@ -218,11 +230,14 @@ class NodeListener:
         self._held: set[str] = set()
         self._confirmed: set[str] = set()
         """Channels whose SSUBSCRIBE this connection confirmed and that are still held."""
+        self._opening: set[str] | None = None
+        """While a new connection's SSUBSCRIBE of its whole set is not all confirmed: what is
+        left; what arrives meanwhile waits in `_early`."""
+        self._early: list[Item] = []
+        self._writer: asyncio.StreamWriter | None = None
+        self._heard = 0.0
+        """Monotonic time of the last read from the connection."""
         self._outages = Outages(closed, logger)
-        self._client: aioredis.Redis | None = None
-        self._pubsub: PubSub | None = None
-        self._early: list[dict[str, Any]] = []
-        """Messages read with a new connection's confirmations, taken at the next turn."""
 
     @property
     def failing(self) -> bool:
@@ -230,120 +245,157 @@ class NodeListener:
         return self._outages.failures > 0
 
     def want(self, channels: Iterable[str]) -> None:
-        """Subscribe `channels` (sent at the next turn). A channel still subscribed on this
-        connection (dropped and wanted again within one turn) is confirmed again at once."""
+        """Subscribe `channels`. A channel still subscribed on this connection (dropped and
+        wanted again) is confirmed again at once."""
         channels = set(channels)
         self._wanted.update(channels)
         if held := frozenset(channels & self._confirmed):
-            self.queue.put_nowait(Listening(self.node, held, whole=False))
+            self.queue.put_nowait([Listening(self.node, held, whole=False)])
+        self._send("SSUBSCRIBE", channels - self._held)
 
     def drop(self, channels: Iterable[str]) -> None:
-        """Unsubscribe `channels` (sent at the next turn); `always` channels stay."""
-        self._wanted.difference_update(set(channels) - self._always)
+        """Unsubscribe `channels`; `always` channels stay."""
+        channels = set(channels) - self._always
+        self._wanted.difference_update(channels)
+        self._send("SUNSUBSCRIBE", channels & self._held)
 
     async def run(self) -> None:
         """Listen until closed; failures are logged and retried with backoff."""
         try:
             while not self._outages.closed.is_set():
                 try:
-                    await self._turn()
-                except (RedisError, OSError) as exc:
-                    await self._drop_connection()
-                    self.queue.put_nowait(Lost(self.node))
+                    await self._outages.until_closed(self._listen())
+                except (OSError, EOFError, ValueError, hiredis.HiredisError) as exc:
+                    self._disconnect()
+                    self.queue.put_nowait([Lost(self.node)])
                     await self._outages.back_off(
                         f"listening to node {self.url}", f"{type(exc).__name__}: {exc}"
                     )
         finally:
             self._outages.close()
-            await self._drop_connection()
+            self._disconnect()
 
-    async def _turn(self) -> None:
-        pubsub = self._pubsub if self._pubsub is not None else await self._connect()
-        await self._apply(pubsub)
-        message = await self._outages.until_closed(pubsub.get_message(timeout=LISTEN_POLL_S))
-        while message is not None:
-            self._take(message)
-            message = await pubsub.get_message(timeout=0.0)
+    async def _listen(self) -> None:
+        reader = await self._connect()
+        parser = hiredis.Reader()
+        watchdog = asyncio.ensure_future(self._watch())
+        try:
+            while True:
+                data = await reader.read(READ_BYTES)
+                if not data:
+                    raise EOFError("the connection to the node ended")
+                self._heard = time.monotonic()
+                parser.feed(data)
+                items: list[Item] = []
+                while (reply := parser.gets()) is not False:
+                    self._take(reply, items)
+                if items:
+                    self.queue.put_nowait(items)
+        finally:
+            watchdog.cancel()
 
-    def _take(self, message: dict[str, Any]) -> None:
-        kind = message.get("type")
-        channel = _text(message.get("channel"))
-        data = message.get("data")
-        if kind == "smessage" and channel is not None and isinstance(data, bytes | str):
-            self.queue.put_nowait(
-                Heard(self.node, channel, data.encode() if isinstance(data, str) else data)
+    async def _watch(self) -> None:
+        """Send PING after `WATCHDOG_IDLE_S` of silence; abort the connection (ending the
+        read with EOF) when nothing comes within `PONG_TIMEOUT_S` after it."""
+        pinged: float | None = None
+        while True:
+            await asyncio.sleep(WATCHDOG_IDLE_S / 3)
+            now = time.monotonic()
+            if now - self._heard < WATCHDOG_IDLE_S:
+                pinged = None
+            elif pinged is None:
+                self._write(_command("PING"))
+                pinged = now
+            elif now - pinged > PONG_TIMEOUT_S and self._writer is not None:
+                logger.warning("node %s answered no PING within %s s", self.url, PONG_TIMEOUT_S)
+                self._writer.transport.abort()
+
+    def _take(self, reply: Any, items: list[Item]) -> None:
+        if isinstance(reply, hiredis.ReplyError):
+            raise ValueError(f"node {self.url} refused a command: {reply}")
+        if not isinstance(reply, list) or len(reply) < 3:
+            return  # PONG
+        kind, channel = reply[0], reply[1].decode()
+        if kind == b"smessage":
+            (self._early if self._opening is not None else items).append(
+                Heard(self.node, channel, reply[2])
             )
-        elif kind == "ssubscribe" and channel is not None:
+        elif kind == b"ssubscribe":
             self._confirmed.add(channel)
-            self.queue.put_nowait(Listening(self.node, frozenset((channel,)), whole=False))
-        elif kind == "sunsubscribe" and channel is not None:
+            if self._opening is None:
+                items.append(Listening(self.node, frozenset((channel,)), whole=False))
+                return
+            self._opening.discard(channel)
+            if not self._opening:
+                self._opening = None
+                items.append(Listening(self.node, frozenset(self._confirmed), whole=True))
+                items += self._early
+                self._early = []
+                if failures := self._outages.recovered():
+                    logger.info("listening to node %s again after %d failures", self.url, failures)
+        elif kind == b"sunsubscribe":
             self._confirmed.discard(channel)
 
-    async def _connect(self) -> PubSub:
-        self._client = aioredis.Redis.from_url(
-            self.url,
-            socket_connect_timeout=CONNECT_TIMEOUT_S,
-            socket_timeout=COMMAND_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),
-        )
-        pubsub = self._pubsub = self._client.pubsub()
-        channels = sorted(self._wanted)
-        for start in range(0, len(channels), SUBSCRIBE_CHUNK):
-            await pubsub.execute_command("SSUBSCRIBE", *channels[start : start + SUBSCRIBE_CHUNK])
-        confirmed = await self._confirmations(pubsub, set(channels))
-        self._held = set(channels)
-        self._confirmed = set(confirmed)
+    async def _connect(self) -> asyncio.StreamReader:
+        parts = urlsplit(self.url)
+        context = ssl.create_default_context() if parts.scheme == "rediss" else None
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(
+                parts.hostname or "127.0.0.1", parts.port or 6379, ssl=context
+            )
+            if parts.password:
+                user = unquote(parts.username) if parts.username else None
+                writer.write(_command("AUTH", *(u for u in (user,) if u), unquote(parts.password)))
+                reply = hiredis.Reader()
+                while (answer := reply.gets()) is False:
+                    reply.feed(await reader.read(READ_BYTES) or b"")
+                if isinstance(answer, hiredis.ReplyError):
+                    writer.close()
+                    raise ValueError(f"node {self.url} refused AUTH: {answer}")
+        self._writer = writer
+        self._heard = time.monotonic()
+        self._held, self._confirmed = set(), set()
+        self._opening = set(self._wanted)
         self.connected = True
-        self.queue.put_nowait(Listening(self.node, frozenset(confirmed), whole=True))
-        if failures := self._outages.recovered():
-            logger.info("listening to node %s again after %d failures", self.url, failures)
-        return pubsub
+        self._send("SSUBSCRIBE", self._wanted)
+        return reader
 
-    async def _confirmations(self, pubsub: PubSub, channels: set[str]) -> set[str]:
-        """Read the SSUBSCRIBE confirmations of a new connection; messages that come with
-        them are queued after the `Listening` item (they were published after it)."""
-        confirmed: set[str] = set()
-        early: list[dict[str, Any]] = []
-        async with asyncio.timeout(COMMAND_TIMEOUT_S):
-            while confirmed != channels:
-                message = await pubsub.get_message(timeout=COMMAND_TIMEOUT_S)
-                if message is None:
-                    continue
-                if message.get("type") == "ssubscribe":
-                    confirmed.add(_text(message.get("channel")) or "")
-                else:
-                    early.append(message)
-        self._early = early
-        return confirmed
+    def _send(self, command: str, channels: set[str]) -> None:
+        """`command` (SSUBSCRIBE or SUNSUBSCRIBE) for `channels`, one command per hash slot:
+        a cluster node refuses channels of several slots in one (CROSSSLOT)."""
+        if not channels or self._writer is None:
+            return
+        by_slot: dict[int, list[str]] = {}
+        for channel in sorted(channels):
+            by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
+        for group in by_slot.values():
+            for start in range(0, len(group), SUBSCRIBE_CHUNK):
+                self._write(_command(command, *group[start : start + SUBSCRIBE_CHUNK]))
+        if command == "SSUBSCRIBE":
+            self._held.update(channels)
+        else:
+            self._held.difference_update(channels)
+            self._confirmed.difference_update(channels)
 
-    async def _apply(self, pubsub: PubSub) -> None:
-        early, self._early = self._early, []
-        for message in early:
-            self._take(message)
-        added = sorted(self._wanted - self._held)
-        removed = sorted(self._held - self._wanted)
-        for start in range(0, len(added), SUBSCRIBE_CHUNK):
-            await pubsub.execute_command("SSUBSCRIBE", *added[start : start + SUBSCRIBE_CHUNK])
-        for start in range(0, len(removed), SUBSCRIBE_CHUNK):
-            chunk = removed[start : start + SUBSCRIBE_CHUNK]
-            await pubsub.execute_command("SUNSUBSCRIBE", *chunk)
-        self._held.update(added)
-        self._held.difference_update(removed)
-        self._confirmed.difference_update(removed)
+    def _write(self, data: bytes) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(data)
 
-    async def _drop_connection(self) -> None:
+    def _disconnect(self) -> None:
         self.connected = False
-        self._held = set()
-        self._confirmed = set()
-        pubsub, self._pubsub = self._pubsub, None
-        client, self._client = self._client, None
-        try:
-            if pubsub is not None:
-                await pubsub.aclose()
-            if client is not None:
-                await client.aclose()
-        except (RedisError, OSError) as exc:
-            logger.debug("closing a subscription to %s: %s", self.url, exc)
+        self._held, self._confirmed, self._opening, self._early = set(), set(), None, []
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
+
+def _command(*parts: str | bytes) -> bytes:
+    """A command in RESP (redis.io "Redis serialization protocol"): an array of bulk strings."""
+    chunks = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        chunks.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(chunks)
 
 
 def _text(value: object) -> str | None:

@@ -124,7 +124,9 @@ class TopicMerge:
         nodes; `settle` with the outbox read after the confirmation then closes them."""
         names = [n for n in self._unsettled if self._topics[n].listening]
         nodes = set(self._resyncing)
-        names += [n for n, t in self._topics.items() if t.node in nodes and n not in names]
+        if nodes:
+            named = set(names)
+            names += [n for n, t in self._topics.items() if t.node in nodes and n not in named]
         return names, nodes
 
     def settle(

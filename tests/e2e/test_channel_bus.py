@@ -31,7 +31,7 @@ from tests.e2e.sequence import (
     expected_for,
     seed,
 )
-from tests.e2e.test_faults import active_relay_pid, eventually
+from tests.e2e.test_faults import active_relay_pid, eventually, readiness
 from tests.factories import stream_message
 from tests.redis_cluster import RedisCluster
 
@@ -192,8 +192,14 @@ async def test_a_node_restarted_empty_loses_messages_and_the_topic_is_filled_fro
     node = cluster.ports.index(cluster.shard_of(channel))
     await asyncio.to_thread(cluster.restart_empty, node)
     await publisher.wait_count(publisher.count + 60)
+
+    async def on_the_bus() -> bool:  # subscribed again to all its channels, in one go
+        return (await readiness(gateway.url))[1]["degraded"] is False
+
+    await eventually(on_the_bus, "the gateway reading the bus again")
     await finish(db, publisher, everyone)
     assert gateway_log_count(log_file, "listening to node") >= 1  # it reconnected
+    assert gateway_log_count(log_file, "refused a command") == 0
 
 
 async def test_a_standby_relay_takes_over_from_a_killed_one_and_nothing_is_doubled(

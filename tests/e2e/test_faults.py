@@ -275,18 +275,20 @@ async def test_gateways_outlive_a_redis_restart_and_a_flushall_filling_gaps_from
         await watcher.wait_for_number(publisher.count + 30)
     await caught_up(everyone, publisher)
 
+    async def frozen_on_the_bus() -> bool:
+        return (await readiness(frozen.url))[1]["degraded"] is False
+
+    await eventually(frozen_on_the_bus, "the frozen gateway reading the bus again")
     await finish(db, publisher, everyone)
-    # After the FLUSHALL it fills a gap; while Redis is down it reads the outbox (degraded
-    # mode) once it notices, or else fills that gap too when Redis is back. (The channel bus
-    # keeps nothing in Redis for a FLUSHALL to take: its gaps are tested in test_channel_bus.)
+    # What Redis lost, the frozen gateway read from Postgres: in degraded mode while Redis was
+    # down (and, if it was still degraded, after the FLUSHALL too), or as a gap fill. (The
+    # channel bus keeps nothing for a FLUSHALL to take: its gaps are in test_channel_bus.)
     log = log_file.read_text()
     fills, degraded = log.count("filling events"), log.count("bus unreadable")
-    assert BUS != "stream" or (fills >= 1 and fills + degraded >= 2), (
-        f"the frozen gateway read Postgres {fills} times to fill a gap and {degraded} times"
-        " for being degraded, expected a gap fill and one more of either"
-    )
+    assert BUS != "stream" or fills + degraded >= 1, "the frozen gateway never read Postgres"
 
 
+@pytest.mark.wal_only  # trigger ingest: `bench/degraded.py --ingest trigger`, 30 s of outage
 async def test_while_redis_is_down_the_outbox_serves_every_client_and_nothing_is_lost_or_doubled(
     redis_server: RedisProcess,
     processes: Processes,

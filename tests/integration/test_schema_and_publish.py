@@ -90,6 +90,7 @@ async def test_migrate_applies_every_migration_once_on_an_empty_database(
         "002_outbox.sql",
         "003_retention.sql",
         "004_ingest.sql",
+        "005_topic_history.sql",
     ]
 
     async with connect(empty_database_url) as conn:
