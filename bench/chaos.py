@@ -15,6 +15,10 @@ schedule of `--rate` events per second (`PacedPublisher`).
 Until `--minutes` are over, every 2 to 6 s (seeded) one fault, chosen at random (seeded):
 - `redis-restart`: Redis killed (SIGKILL), down 0.5 to 3 s, restarted empty on its port;
 - `redis-flushall`: FLUSHALL;
+- `redis-outage`: Redis killed and kept down 5 to 10 s while events flow: the gateways read
+  the outbox (degraded mode, `sync.dispatcher`); the time until every client holds the newest
+  event it may see committed 1 s into the outage is measured while Redis is still down (a
+  note if some client does not get it before Redis returns), then Redis starts again, empty;
 - `relay-kill`: the active relay killed with SIGKILL; the time until the standby leads is
   the takeover time; then a new standby is started in its place;
 - `gateway-kill`: a gateway killed with SIGKILL, down 0 to 2 s, restarted on a new port; each
@@ -39,7 +43,7 @@ In wal mode, also (`WAL_FAULT_KINDS`):
   is the slot takeover time; a new standby is started.
 Wal mode runs on a Postgres 16 with logical decoding and durable commits started here
 (`bench.database.durable_logical_server`); trigger mode runs on the tests' server
-(`tests.services.postgres_server`) with the eight faults listed first, as it always did.
+(`tests.services.postgres_server`) with the nine faults listed first, as it always did.
 One progress line per fault. After each fault a probe measures the recovery: the time until
 every client holds the newest event, committed when the fault ended, that it may see.
 
@@ -106,6 +110,7 @@ from tests.services import PgServer, RedisProcess, postgres_server
 FAULT_KINDS = (
     "redis-restart",
     "redis-flushall",
+    "redis-outage",
     "relay-kill",
     "gateway-kill",
     "gateway-term",
@@ -401,6 +406,7 @@ class Chaos:
         faults: dict[str, Callable[[], Awaitable[str]]] = {
             "redis-restart": self.redis_restart,
             "redis-flushall": self.redis_flushall,
+            "redis-outage": self.redis_outage,
             "relay-kill": self.relay_kill,
             "gateway-kill": self.gateway_kill,
             "gateway-term": self.gateway_term,
@@ -454,6 +460,30 @@ class Chaos:
         finally:
             await client.aclose()
         return "flushed"
+
+    async def redis_outage(self) -> str:
+        """Kill Redis, keep it down 5 to 10 s, start it again, empty; meanwhile time the
+        delivery, through the outbox, of what was committed 1 s into the outage."""
+        down_s = self.rng.uniform(5.0, 10.0)
+        self.redis.stop()
+        started = time.monotonic()
+        await asyncio.sleep(1.0)
+        log = list(self.publisher.log)
+        visible = [(c, expected_for(c.user_id, log)) for c in self.clients]
+        targets = [(c, numbers[-1]) for c, numbers in visible if numbers]
+        while any(latest(c) < n for c, n in targets) and elapsed_since(started) < down_s:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        behind = [c.name for c, n in targets if latest(c) < n]
+        delivered_s = elapsed_since(started) - 1.0
+        await asyncio.sleep(max(0.0, down_s - elapsed_since(started)))
+        await asyncio.to_thread(self.redis.start)
+        if behind:
+            self.notes.append(
+                f"redis-outage of {down_s:.1f} s: {behind} lacked events committed 1 s into it"
+                " when Redis returned"
+            )
+            return f"down {down_s:.1f} s; behind while down: {behind}"
+        return f"down {down_s:.1f} s; delivered while down {delivered_s:.2f} s after commit"
 
     async def relay_kill(self) -> str:
         """SIGKILL the active relay, time the standby's takeover, start a new standby."""

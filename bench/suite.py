@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.suite [SCENARIO ...] [--targets userstream,nchan,plain]
                                     [--quick] [--out bench/results.json]
-                                    [--ingest wal|trigger]
+                                    [--ingest wal|trigger] [--bus stream|channels]
     .venv/bin/python -m bench.suite --markdown bench/results.json    (tables of a saved run)
 
 Scenarios (default: all, in this order): `ceiling` (the load client's own limit against the
@@ -20,6 +20,11 @@ Ingest mode (`--ingest`, default wal; core/schema/ingest.py): the userstream tar
 is put in that mode. With wal, every target runs against a Postgres 16 with logical decoding
 and durable commits started here (`bench.database.durable_logical_server`); with trigger,
 against the machine's Postgres (`tests.services.postgres_server`).
+
+Bus (`--bus`, default stream; gateway/settings.py `USERSTREAM_BUS`): the userstream target's
+relay and gateway are started with that bus on the suite's one Redis: `stream` (every replica
+reads one Redis Stream) or `channels` (each replica subscribes its users' topics over sharded
+pub/sub, sync/bus_channels.py). The baselines do not take it.
 
 Pinning: every server `taskset -c <--server-cpu>` (default 0); the load client `sseload`, the
 publisher (this process, pinned with `sched_setaffinity`) and userstream's relay on
@@ -43,7 +48,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bench import auth, ephemeral, loadclient, scenarios
 from bench.database import durable_logical_server
@@ -65,6 +70,9 @@ from core.schema.ingest import MODES, Mode
 from tests.services import PgServer, postgres_server, redis_server
 
 TARGETS = ("userstream", "nchan", "plain")
+Bus = Literal["stream", "channels"]
+BUSES: tuple[Bus, ...] = ("stream", "channels")
+"""`--bus`: the userstream target's bus (gateway/settings.py `USERSTREAM_BUS`)."""
 SCENARIOS = {**scenarios.SCENARIOS, **ephemeral.SCENARIOS, **auth.SCENARIOS}
 """Every scenario by name, in the default order."""
 CLASSES = {"nchan": "NchanTarget", "plain": "PlainTarget"}
@@ -76,10 +84,12 @@ def target_factory(
     relay_cpu: str,
     source: Path | None = None,
     ingest: Mode = "wal",
+    bus: Bus = "stream",
 ) -> Any:
     """`make_target(name, env=..., private_readers=...)`: a new, not started target
-    (userstream's database in ingest mode `ingest`; `env`: further settings of its processes,
-    `private_readers`: members of its private stream, `UserstreamTarget`). The baselines are
+    (userstream's database in ingest mode `ingest`, its processes on the bus `bus`
+    (`USERSTREAM_BUS`); `env`: further settings of its processes, `private_readers`: members
+    of its private stream, `UserstreamTarget`). The baselines are
     imported when first asked for, so a missing one fails only its own rows (ImportError,
     AttributeError); they take neither option (ValueError when one is given)."""
 
@@ -89,7 +99,7 @@ def target_factory(
         if name == "userstream":
             return UserstreamTarget(
                 pg, redis_url, relay_cpu=relay_cpu, source=source, ingest=ingest,
-                env=dict(env or {}), private_readers=private_readers,
+                env={"USERSTREAM_BUS": bus, **(env or {})}, private_readers=private_readers,
             )  # fmt: skip
         if name not in CLASSES:
             raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
@@ -243,6 +253,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--ingest", choices=MODES, default="wal", help="ingest mode of userstream's database"
     )
+    parser.add_argument(
+        "--bus", choices=BUSES, default="stream", help="bus of userstream's relay and gateway"
+    )
     parser.add_argument("--server-cpu", default="0", help="taskset -c list for servers")
     parser.add_argument("--client-cpu", default="1", help="cpu of client and publisher")
     parser.add_argument("--relay-cpu", help="cpu of userstream's relay (default: --client-cpu)")
@@ -309,7 +322,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             client_cpu=args.client_cpu,
             targets=args.targets,
             make_target=target_factory(
-                pg, redis_url, args.relay_cpu or args.client_cpu, args.userstream_from, args.ingest
+                pg,
+                redis_url,
+                args.relay_cpu or args.client_cpu,
+                args.userstream_from,
+                args.ingest,
+                args.bus,
             ),
             idle_connections=idle_counts,
             idle_workers=args.idle_workers,
