@@ -109,6 +109,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import asyncpg
+import hiredis
 import orjson
 import redis
 
@@ -118,6 +119,7 @@ from core.schema.migrations import migrate
 from sync.bus import Batch
 from sync.bus_channels import TICK_CHANNEL, ChannelBus
 from sync.bus_redis import READ_COUNT
+from sync.shards import command
 from sync.topic_merge import TopicMerge
 from tests.services import PgServer, RedisProcess, postgres_server
 
@@ -374,47 +376,6 @@ async def history(server: PgServer, options: Options) -> list[dict[str, Any]]:
 # --- 2. pub/sub throughput -------------------------------------------------------------------
 
 
-def command(*parts: bytes) -> bytes:
-    """One RESP command (an array of bulk strings)."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        out += [b"$%d\r\n" % len(part), part, b"\r\n"]
-    return b"".join(out)
-
-
-class Incomplete(Exception):
-    """The buffer ends inside a RESP reply."""
-
-
-def parse(buf: bytes | bytearray, pos: int = 0) -> tuple[Any, int]:
-    """One RESP2 reply at `pos`: (value, the position after it). Arrays are lists, bulk
-    strings bytes (or, over 64 bytes, only their length, an int), integers and simple strings
-    their text as bytes, nil None. Raises Incomplete when `buf` ends first, RuntimeError for
-    an error reply."""
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        raise Incomplete
-    kind, head, pos = buf[pos], bytes(buf[pos + 1 : end]), end + 2
-    if kind == ord("*"):
-        if int(head) < 0:
-            return None, pos
-        items = []
-        for _ in range(int(head)):
-            item, pos = parse(buf, pos)
-            items.append(item)
-        return items, pos
-    if kind == ord("$"):
-        size = int(head)
-        if size < 0:
-            return None, pos
-        if len(buf) < pos + size + 2:
-            raise Incomplete
-        return (bytes(buf[pos : pos + size]) if size <= 64 else size), pos + size + 2
-    if kind == ord("-"):
-        raise RuntimeError(head.decode())
-    return head, pos
-
-
 @dataclass(frozen=True, slots=True)
 class Shape:
     """What one bus shape sends: pre-encoded pipelines (`blobs`), the reply lines each one
@@ -639,11 +600,11 @@ def _xread(last: bytes) -> bytes:
 
 
 class StreamReader:
-    """One `XREAD` loop on its own connection: what arrived (`buffer`) and the last id read."""
+    """One `XREAD` loop on its own connection: its replies (hiredis) and the last id read."""
 
     def __init__(self, port: int) -> None:
         self.sock = _connect(port)
-        self.buffer = bytearray()
+        self.replies = hiredis.Reader()
         self.last = b"0-0"
         self.sock.sendall(_xread(self.last))
         self.sock.setblocking(False)
@@ -651,12 +612,12 @@ class StreamReader:
     def take(self, data: bytes) -> int | None:
         """Add `data`; when a whole reply has arrived, remove it, send the next `XREAD` and
         return the entries it held (0 after a timeout); else None."""
-        self.buffer += data
-        try:
-            reply, end = parse(self.buffer)
-        except Incomplete:
+        self.replies.feed(data)
+        reply = self.replies.gets()
+        if reply is False:
             return None
-        del self.buffer[:end]
+        if isinstance(reply, hiredis.ReplyError):
+            raise RuntimeError(f"XREAD refused: {reply}")
         entries = [] if reply is None else reply[0][1]
         if entries:
             self.last = entries[-1][0]

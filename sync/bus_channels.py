@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 PREV_TOPICS = 1_000_000
 """Topics whose last position the publishing relay remembers, the most recent first."""
 
+_TICK_BYTES = metrics.BUS_RECEIVED_BYTES.labels("tick")
+_TOPIC_BYTES = metrics.BUS_RECEIVED_BYTES.labels("topic")
+
 TOPIC_CHANNEL = "ch:"
 TICK_CHANNEL = "tick:"
 CONTROL_TAG = "{ctl}:"
@@ -110,11 +113,6 @@ class ChannelBus:
     def tick_channel(self, shards: Shards, node: int) -> str:
         """The tick channel of `node`: `{prefix}tick:{<a tag of the node>}`."""
         return f"{self.prefix}{TICK_CHANNEL}{{{shards.tag_on(node)}}}"
-
-    @property
-    def ticks(self) -> list[str]:
-        """The tick channel of each node (empty until connected)."""
-        return list(self._ticks)
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -253,13 +251,13 @@ class ChannelBus:
     def _take(self, merge: TopicMerge, item: Item) -> None:
         if isinstance(item, Heard):
             if item.channel == self._ticks[item.node]:
-                metrics.BUS_RECEIVED_BYTES.labels("tick").inc(len(item.data))
+                _TICK_BYTES.inc(len(item.data))
                 self._take_tick(merge, item)
                 return
             topic = self.topic_of(item.channel)
             if topic is None:
                 return
-            metrics.BUS_RECEIVED_BYTES.labels("topic").inc(len(item.data))
+            _TOPIC_BYTES.inc(len(item.data))
             try:
                 body = orjson.loads(item.data)
                 prev = body["prev"]

@@ -37,14 +37,14 @@ from typing import Protocol
 from core.access import can_receive
 from core.channels import user_channel, workspace_channel
 from core.cursors import PrefetchSnapshot, format_cursor
-from core.events import Event, MalformedEvent
+from core.events import Event
 from core.frames import encode_change, encode_must_refetch, encode_offset
 from core.types import Connection, Frame
 from sync import metrics
 from sync.access_cache import AccessCache, Snapshot
 from sync.dispatcher import RESYNC, Dispatcher
 from sync.faults import SERVICE_FAULTS
-from sync.outbox import COLUMNS
+from sync.outbox import COLUMNS, valid_events
 from sync.retention import pruned_through
 from sync.subscribers import Subscriber
 
@@ -309,10 +309,4 @@ async def _read_history(conn: Connection, after: int, limit: int) -> tuple[list[
     grows to complete a transaction, so its size stays bounded however large they are.
     """
     rows = await conn.fetch(_HISTORY_PAGE, after, limit)
-    events = []
-    for row in rows:
-        try:
-            events.append(Event.from_row(row))
-        except MalformedEvent:
-            continue
-    return events, int(rows[-1]["seq"]) if rows else after
+    return valid_events(rows), int(rows[-1]["seq"]) if rows else after

@@ -116,6 +116,12 @@ async def read_topics(
     ValueError for a key that is not a topic."""
     users, workspaces = split_topics(list(topics))
     rows = await conn.fetch(_TOPICS, after, upto, users, workspaces, sorted(WORKSPACE_STATE_TYPES))
+    return valid_events(rows)
+
+
+def valid_events(rows: Sequence[Row]) -> list[Event]:
+    """The events of `rows` (outbox rows), in their order, leaving out the rows that are not
+    valid events: readers skip them, the relay keeps them in `outbox_dead_letters`."""
     events = []
     for row in rows:
         try:

@@ -224,7 +224,6 @@ class NodeListener:
         self.node = node
         self.url = url
         self.queue = queue
-        self.connected = False
         self._always = set(always)
         self._wanted: set[str] = set(self._always)
         self._held: set[str] = set()
@@ -304,7 +303,7 @@ class NodeListener:
             if now - self._heard < WATCHDOG_IDLE_S:
                 pinged = None
             elif pinged is None:
-                self._write(_command("PING"))
+                self._write(command("PING"))
                 pinged = now
             elif now - pinged > PONG_TIMEOUT_S and self._writer is not None:
                 logger.warning("node %s answered no PING within %s s", self.url, PONG_TIMEOUT_S)
@@ -345,7 +344,7 @@ class NodeListener:
             )
             if parts.password:
                 user = unquote(parts.username) if parts.username else None
-                writer.write(_command("AUTH", *(u for u in (user,) if u), unquote(parts.password)))
+                writer.write(command("AUTH", *(u for u in (user,) if u), unquote(parts.password)))
                 reply = hiredis.Reader()
                 while (answer := reply.gets()) is False:
                     reply.feed(await reader.read(READ_BYTES) or b"")
@@ -356,12 +355,11 @@ class NodeListener:
         self._heard = time.monotonic()
         self._held, self._confirmed = set(), set()
         self._opening = set(self._wanted)
-        self.connected = True
         self._send("SSUBSCRIBE", self._wanted)
         return reader
 
-    def _send(self, command: str, channels: set[str]) -> None:
-        """`command` (SSUBSCRIBE or SUNSUBSCRIBE) for `channels`, one command per hash slot:
+    def _send(self, verb: str, channels: set[str]) -> None:
+        """`verb` (SSUBSCRIBE or SUNSUBSCRIBE) for `channels`, one command per hash slot:
         a cluster node refuses channels of several slots in one (CROSSSLOT)."""
         if not channels or self._writer is None:
             return
@@ -370,8 +368,8 @@ class NodeListener:
             by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
         for group in by_slot.values():
             for start in range(0, len(group), SUBSCRIBE_CHUNK):
-                self._write(_command(command, *group[start : start + SUBSCRIBE_CHUNK]))
-        if command == "SSUBSCRIBE":
+                self._write(command(verb, *group[start : start + SUBSCRIBE_CHUNK]))
+        if verb == "SSUBSCRIBE":
             self._held.update(channels)
         else:
             self._held.difference_update(channels)
@@ -382,14 +380,13 @@ class NodeListener:
             self._writer.write(data)
 
     def _disconnect(self) -> None:
-        self.connected = False
         self._held, self._confirmed, self._opening, self._early = set(), set(), None, []
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
 
 
-def _command(*parts: str | bytes) -> bytes:
+def command(*parts: str | bytes) -> bytes:
     """A command in RESP (redis.io "Redis serialization protocol"): an array of bulk strings."""
     chunks = [b"*%d\r\n" % len(parts)]
     for part in parts:
@@ -402,11 +399,3 @@ def _text(value: object) -> str | None:
     if isinstance(value, bytes):
         return value.decode()
     return value if isinstance(value, str) else None
-
-
-def channels_by_node(shards: Shards, channels: Iterable[str]) -> dict[int, list[str]]:
-    """`channels` grouped by the node serving each."""
-    grouped: dict[int, list[str]] = {}
-    for channel in channels:
-        grouped.setdefault(shards.node_of(channel), []).append(channel)
-    return grouped

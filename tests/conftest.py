@@ -19,6 +19,7 @@ from core.schema.ingest import set_ingest_mode
 from core.schema.migrations import migrate
 from sync.bus import Bus
 from tests.bus_readers import Reader
+from tests.redis_cluster import RedisCluster
 from tests.services import (
     INGEST,
     PgServer,
@@ -80,6 +81,20 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(database_url)
     yield conn
     await conn.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    """A three-node Redis Cluster shared by a module's tests that leave its nodes alone."""
+    with RedisCluster() as started:
+        yield started
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[RedisCluster]:
+    """A three-node Redis Cluster of this test's own, for a test that restarts a node."""
+    with RedisCluster() as started:
+        yield started
 
 
 @pytest.fixture(scope="session")

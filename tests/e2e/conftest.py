@@ -1,10 +1,12 @@
 """End-to-end fixtures: real `userstream` processes against this test's database and Redis."""
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import pytest
 
 from tests.e2e.harness import JWT_SECRET, Processes
+from tests.e2e.sequence import Connect, Publisher, ResumingClient
 from tests.services import BUS
 
 
@@ -27,3 +29,27 @@ def processes(database_url: str, redis_url: str, redis_prefix: str) -> Iterator[
     running = Processes(env)
     yield running
     running.stop_all()
+
+
+@pytest.fixture
+async def publisher(database_url: str) -> AsyncIterator[Publisher]:
+    """The sequence publisher of this test (started by the test), closed at teardown."""
+    running = Publisher(database_url)
+    yield running
+    await running.close()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Connect]:
+    """`await clients(user_id, urls, **options)`: a live `ResumingClient`; all are closed at
+    teardown, before the processes they talk to are stopped."""
+    started: list[ResumingClient] = []
+
+    async def connect(user_id: str, urls: Sequence[str], **options: Any) -> ResumingClient:
+        client = ResumingClient(user_id, urls, **options)
+        started.append(client)
+        return await client.connect()
+
+    yield connect
+    for client in started:
+        await client.close()

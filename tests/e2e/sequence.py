@@ -25,7 +25,7 @@ import contextlib
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -380,3 +380,25 @@ async def assert_outbox_holds(db: asyncpg.Connection, log: Sequence[Published]) 
     assert got == want, f"outbox {len(got)} rows, log {len(want)}: first difference at " + str(
         next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
     )
+
+
+Connect = Callable[..., Awaitable[ResumingClient]]
+"""The `clients` fixture (tests/e2e/conftest.py): `await clients(user_id, urls, **options)`."""
+
+
+async def finish(
+    db: asyncpg.Connection,
+    publisher: Publisher,
+    clients: Sequence[ResumingClient],
+    *,
+    outbox: bool = True,
+) -> None:
+    """Stop the publisher, wait for its last event everywhere, check every client (and that
+    the outbox holds the sequence alone, unless `outbox` is False: others published too)."""
+    log = await publisher.stop()
+    for client in clients:
+        await client.wait_for_number(log[-1].number)
+    if outbox:
+        await assert_outbox_holds(db, log)
+    for client in clients:
+        assert_exactly_once_in_order(client, expected_for(client.user_id, log))

@@ -13,67 +13,20 @@ and per-topic gaps (sync/bus_channels.py, sync/topic_merge.py).
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import asyncpg
-import pytest
 
 from core.channels import workspace_channel
 from core.publish import publish
 from tests.e2e.harness import Processes, StreamClient, bearer, scrape
-from tests.e2e.sequence import (
-    Publisher,
-    ResumingClient,
-    assert_exactly_once_in_order,
-    assert_outbox_holds,
-    expected_for,
-    seed,
-)
+from tests.e2e.sequence import Connect, Publisher, finish, seed
 from tests.e2e.test_faults import active_relay_pid, eventually, readiness
 from tests.factories import stream_message
 from tests.redis_cluster import RedisCluster
 
-Connect = Callable[..., Awaitable[ResumingClient]]
-
 LOBBY_EVENTS = 10
 """Events carol's workspace gets in the interest test."""
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    """A three-node cluster shared by the tests that leave its nodes alone."""
-    with RedisCluster() as started:
-        yield started
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[RedisCluster]:
-    """A cluster of this test's own, for a test that restarts a node."""
-    with RedisCluster() as started:
-        yield started
-
-
-@pytest.fixture
-async def publisher(database_url: str) -> AsyncIterator[Publisher]:
-    running = Publisher(database_url, interval_s=0.02)
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Connect]:
-    started: list[ResumingClient] = []
-
-    async def connect(user_id: str, urls: Sequence[str], **options: Any) -> ResumingClient:
-        client = ResumingClient(user_id, urls, **options)
-        started.append(client)
-        return await client.connect()
-
-    yield connect
-    for client in started:
-        await client.close()
 
 
 def on_cluster(cluster: RedisCluster, **extra: str) -> dict[str, str]:
@@ -93,24 +46,6 @@ async def received(url: str) -> dict[str, float]:
             ("userstream_bus_received_bytes_total", (("kind", "tick"),)), 0.0
         ),
     }
-
-
-async def finish(
-    db: asyncpg.Connection,
-    publisher: Publisher,
-    clients: Sequence[ResumingClient],
-    *,
-    outbox: bool = True,
-) -> None:
-    """Stop the publisher, wait for its last event everywhere, check every client (and that
-    the outbox holds the sequence alone, unless `outbox` is False)."""
-    log = await publisher.stop()
-    for client in clients:
-        await client.wait_for_number(log[-1].number)
-    if outbox:
-        await assert_outbox_holds(db, log)
-    for client in clients:
-        assert_exactly_once_in_order(client, expected_for(client.user_id, log))
 
 
 async def test_a_gateway_hears_only_the_topics_of_its_users(

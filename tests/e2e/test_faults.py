@@ -46,16 +46,14 @@ from sync.relay import APPLICATION_NAME_PREFIX
 from tests.e2e.harness import Gateway, Processes, scrape
 from tests.e2e.sequence import (
     WAIT_S,
+    Connect,
     Publisher,
     ResumingClient,
-    assert_exactly_once_in_order,
-    assert_outbox_holds,
     expected_for,
+    finish,
     seed,
 )
 from tests.services import BUS, INGEST, PgServer, RedisProcess
-
-Connect = Callable[..., Awaitable[ResumingClient]]
 
 WINDOW_EVENTS = 50
 """Recent events a gateway keeps in these tests: small, so that a client resuming from a cursor
@@ -79,30 +77,6 @@ def redis_server() -> Iterator[RedisProcess]:
     """A Redis server of this test's own, which it may kill, restart and flush."""
     with RedisProcess() as server:
         yield server
-
-
-@pytest.fixture
-async def publisher(database_url: str) -> AsyncIterator[Publisher]:
-    """The sequence publisher of this test (started by the test), closed at teardown."""
-    running = Publisher(database_url)
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Connect]:
-    """`await clients(user_id, urls, **options)`: a live `ResumingClient`; all are closed at
-    teardown, before the processes they talk to are stopped."""
-    started: list[ResumingClient] = []
-
-    async def connect(user_id: str, urls: Sequence[str], **options: Any) -> ResumingClient:
-        client = ResumingClient(user_id, urls, **options)
-        started.append(client)
-        return await client.connect()
-
-    yield connect
-    for client in started:
-        await client.close()
 
 
 async def eventually(
@@ -134,18 +108,6 @@ async def caught_up(clients: Sequence[ResumingClient], publisher: Publisher) -> 
         visible = expected_for(client.user_id, log)
         if visible:
             await client.wait_for_number(visible[-1])
-
-
-async def finish(
-    db: asyncpg.Connection, publisher: Publisher, clients: Sequence[ResumingClient]
-) -> None:
-    """Stop the publisher, wait for its last event everywhere, and check every client."""
-    log = await publisher.stop()
-    for client in clients:
-        await client.wait_for_number(log[-1].number)
-    await assert_outbox_holds(db, log)
-    for client in clients:
-        assert_exactly_once_in_order(client, expected_for(client.user_id, log))
 
 
 async def active_relay_pid(db: asyncpg.Connection) -> int | None:

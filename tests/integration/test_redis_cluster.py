@@ -6,7 +6,7 @@ while the cluster, its clients and an existing subscriber carry on.
 
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,20 +17,6 @@ from tests.redis_cluster import SLOTS, RedisCluster
 
 KEYS = [f"user:{i}" for i in range(1, 51)]
 RECEIVE_TIMEOUT_S = 5.0
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    """A cluster shared by the tests that leave its nodes alone."""
-    with RedisCluster() as started:
-        yield started
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[RedisCluster]:
-    """A cluster of this test's own, for tests that replace a node."""
-    with RedisCluster() as started:
-        yield started
 
 
 def connect(cluster: RedisCluster) -> AsyncRedisCluster:
