@@ -14,6 +14,7 @@ from the `pgserver` wheel, prepared as the embedded server is (`gateway.embedded
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -135,11 +136,40 @@ class PgServer:
             await conn.close()
 
 
+_PORTS_FROM: Final = 15000
+"""The lowest port `free_port` hands out."""
+
+_EPHEMERAL_RANGE: Final = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+_handed: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
+    """A TCP port that was free a moment ago on 127.0.0.1, never one this process handed out
+    before. It is chosen at random below the kernel's ephemeral range (`ip_local_port_range`,
+    where the local ports of outgoing connections come from), so that no client connection of
+    any process takes it between this check and the server's bind; where that range leaves no
+    room, the kernel picks one."""
+    try:
+        ephemeral_low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0
+    for _ in range(100 if ephemeral_low > _PORTS_FROM + 1000 else 0):
+        port = random.randrange(_PORTS_FROM, ephemeral_low)
+        if port in _handed:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed.add(port)
+        return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        port = int(sock.getsockname()[1])
+    _handed.add(port)
+    return port
 
 
 async def _pg_reachable(dsn: str) -> bool:
