@@ -57,6 +57,16 @@ logger = logging.getLogger(__name__)
 PREV_TOPICS = 1_000_000
 """Topics whose last position the publishing relay remembers, the most recent first."""
 
+QUIET_RELEASE_S = 0.1
+"""Seconds a reader may hold a release that carries no event of its topics and only moves its
+position (`read`): a replica whose users are quiet wakes its dispatcher ten times a second,
+not at every batch of the relay."""
+
+EAGER_S = 1.0
+"""Seconds after a `subscribe` during which every release goes out at once: a stream being
+opened waits for the dispatcher to reach its snapshot's position (`sync.catchup`,
+`DISPATCH_WAIT_S`)."""
+
 _TICK_BYTES = metrics.BUS_RECEIVED_BYTES.labels("tick")
 _TOPIC_BYTES = metrics.BUS_RECEIVED_BYTES.labels("topic")
 
@@ -85,6 +95,10 @@ class ChannelBus:
         self._pool = pool
         self._shards: Shards | None = None
         self._ticks: list[str] = []
+        self._tick_keys: list[bytes] = []
+        """`_ticks` as sent, to match what a listener hears."""
+        self._topics: dict[bytes, ChannelKey] = {}
+        """The subscribed topics by their channel as sent."""
         self._control: RedisBus | None = None
         self._discovering = asyncio.Lock()
         self._prev: OrderedDict[ChannelKey, int] = OrderedDict()
@@ -94,7 +108,15 @@ class ChannelBus:
         self._since: dict[ChannelKey, int] = {}
         self._merge: TopicMerge | None = None
         self._listeners: list[NodeListener] = []
-        self._queue: asyncio.Queue[list[Item] | None] = asyncio.Queue()
+        self._inbox: list[Item] = []
+        """What the listeners delivered while a step was under way."""
+        self._stepping = False
+        self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._released_at = 0.0
+        """Event-loop time of the last release."""
+        self._eager_until = 0.0
+        """Event-loop time until which releases that only move the position go out at once."""
         self._closed = asyncio.Event()
 
     # -- naming ---------------------------------------------------------------------------
@@ -165,11 +187,14 @@ class ChannelBus:
         the topic's own for one already read): every event of them past it is read."""
         since = 0
         shards = self._shards
+        if self._merge is not None:
+            self._eager_until = asyncio.get_running_loop().time() + EAGER_S
         for topic in topics:
             known = self._since.get(topic)
             if known is None:
+                channel = self.channel(topic)
+                self._topics[channel.encode()] = topic
                 if self._merge is not None and shards is not None:
-                    channel = self.channel(topic)
                     node = shards.node_of(channel)
                     known = self._merge.subscribe(topic, node, after)
                     self._listeners[node].want((channel,))
@@ -186,9 +211,10 @@ class ChannelBus:
         for topic in topics:
             if self._since.pop(topic, None) is None:
                 continue
+            channel = self.channel(topic)
+            del self._topics[channel.encode()]
             if self._merge is not None and shards is not None:
                 self._merge.unsubscribe(topic)
-                channel = self.channel(topic)
                 self._listeners[shards.node_of(channel)].drop((channel,))
         metrics.BUS_TOPICS.set(len(self._since))
 
@@ -199,17 +225,20 @@ class ChannelBus:
     async def read(self, after: int) -> AsyncIterator[Batch]:
         """Every event of the subscribed topics after position `after`, in position order,
         in batches that each carry `upto`, until close(). Node outages are retried inside;
-        what they lost is read from Postgres. Raises RuntimeError without a pool."""
+        what they lost is read from Postgres. Raises RuntimeError without a pool.
+
+        A batch with events is released as soon as the ticks allow; one that only moves the
+        position (no event of this replica's topics) waits up to `QUIET_RELEASE_S` to be
+        released with the next, unless a topic was subscribed within `EAGER_S`."""
         if self._pool is None:
             raise RuntimeError("reading the channel bus needs a Postgres pool")
         if self._closed.is_set():
             return
         shards = await self._discover()
+        loop = asyncio.get_running_loop()
         merge = TopicMerge(after, shards.size)
-        queue: asyncio.Queue[list[Item] | None] = asyncio.Queue()
-        self._queue = queue
         listeners = [
-            NodeListener(node, url, queue, self._closed, (self._ticks[node],))
+            NodeListener(node, url, self._deliver, self._closed, (self._ticks[node],))
             for node, url in enumerate(shards.urls)
         ]
         for topic in self._since:
@@ -217,70 +246,118 @@ class ChannelBus:
             node = shards.node_of(channel)
             merge.subscribe(topic, node, after)
             listeners[node].want((channel,))
+        self._inbox, self._wake, self._released_at = [], asyncio.Event(), loop.time()
         self._merge, self._listeners = merge, listeners
         tasks = [asyncio.create_task(n.run(), name=f"bus node {n.node}") for n in listeners]
         try:
-            ended = False
-            while not ended:
-                ended = self._take_all(merge, [await queue.get()], queue)
-                batch = await self._step(merge)
+            while True:
+                await self._wake.wait()
+                if self._closed.is_set():
+                    return
+                self._wake.clear()
+                self._stepping = True
+                try:
+                    inbox, self._inbox = self._inbox, []
+                    self._take_all(merge, inbox)
+                    batch = await self._step(merge)
+                finally:
+                    self._stepping = False
                 if batch is not None:
+                    self._released_at = loop.time()
                     yield batch
+                self._check(merge)
         finally:
             self._merge, self._listeners = None, []
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _take_all(
-        self,
-        merge: TopicMerge,
-        reads: list[list[Item] | None],
-        queue: "asyncio.Queue[list[Item] | None]",
-    ) -> bool:
-        """Take `reads` and everything queued behind them; True when the end (None) came."""
-        while not queue.empty():
-            reads.append(queue.get_nowait())
-        for items in reads:
-            if items is None:
-                return True
-            for item in items:
-                self._take(merge, item)
-        return False
+    def _deliver(self, items: list[Item]) -> None:
+        """What a node listener heard in one read (`sync.shards.Deliver`): taken into the
+        merge at once, unless a step is under way (then it waits in the inbox for the next);
+        the reader is woken when there is something to do (`_check`)."""
+        merge = self._merge
+        if merge is None:
+            return
+        if self._stepping:
+            self._inbox += items
+            self._wake.set()
+            return
+        self._take_all(merge, items)
+        self._check(merge)
 
-    def _take(self, merge: TopicMerge, item: Item) -> None:
-        if isinstance(item, Heard):
-            if item.channel == self._ticks[item.node]:
-                _TICK_BYTES.inc(len(item.data))
-                self._take_tick(merge, item)
-                return
-            topic = self.topic_of(item.channel)
-            if topic is None:
-                return
-            _TOPIC_BYTES.inc(len(item.data))
-            try:
-                body = orjson.loads(item.data)
-                prev = body["prev"]
-                events = [Event.from_row(e) for e in body["events"]]
-            except (ValueError, KeyError, TypeError, MalformedEvent) as exc:
-                logger.error("skipping a message on %s: %s", item.channel, exc)
-                return  # the node's tick shows the topic's loss: filled from Postgres
-            metrics.BUS_RECEIVED_EVENTS.inc(len(events))
-            merge.on_message(topic, None if prev is None else int(prev), events)
-        elif isinstance(item, Listening):
-            topics = [t for c in item.channels if (t := self.topic_of(c)) is not None]
-            merge.listening(item.node, topics, item.whole)
-        elif isinstance(item, Lost):
-            merge.lost(item.node)
+    def _check(self, merge: TopicMerge) -> None:
+        """Wake the reader when the merge has work or events to release, or when only the
+        position would move and that has waited `QUIET_RELEASE_S` (or a topic was subscribed
+        within `EAGER_S`); else arm a timer for when it will have waited."""
+        if self._wake.is_set():
+            return
+        if merge.ready():
+            self._wake.set()
+            return
+        if merge.bound() <= merge.released:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._released_at + QUIET_RELEASE_S
+        if loop.time() >= due or loop.time() < self._eager_until:
+            self._wake.set()
+        elif self._timer is None:
+            self._timer = loop.call_at(due, self._due)
 
-    def _take_tick(self, merge: TopicMerge, item: Heard) -> None:
+    def _due(self) -> None:
+        self._timer = None
+        if self._merge is not None:
+            self._wake.set()
+
+    def _take_all(self, merge: TopicMerge, items: list[Item]) -> None:
+        """Take `items` into the merge, counting the bytes and events received."""
+        tick_bytes = topic_bytes = received = 0
+        ticks, topics = self._tick_keys, self._topics
+        for item in items:
+            if isinstance(item, Heard):
+                node, channel, data = item
+                if channel == ticks[node]:
+                    tick_bytes += len(data)
+                    self._take_tick(merge, node, data)
+                elif (topic := topics.get(channel)) is not None:  # else unsubscribed meanwhile
+                    topic_bytes += len(data)
+                    received += self._take_message(merge, topic, data)
+            elif isinstance(item, Listening):
+                names = [t for c in item.channels if (t := self.topic_of(c)) is not None]
+                merge.listening(item.node, names, item.whole)
+            elif isinstance(item, Lost):
+                merge.lost(item.node)
+        if tick_bytes:
+            _TICK_BYTES.inc(tick_bytes)
+        if topic_bytes:
+            _TOPIC_BYTES.inc(topic_bytes)
+            metrics.BUS_RECEIVED_EVENTS.inc(received)
+
+    def _take_message(self, merge: TopicMerge, topic: ChannelKey, data: bytes) -> int:
+        """One topic message into the merge; returns its events (0 for one skipped)."""
         try:
-            body = orjson.loads(item.data)
-            start, upto, last = int(body["from"]), int(body["upto"]), dict(body["last"])
+            body = orjson.loads(data)
+            prev = body["prev"]
+            events = [Event.from_row(e) for e in body["events"]]
+        except (ValueError, KeyError, TypeError, MalformedEvent) as exc:
+            logger.error("skipping a message of %s: %s", topic, exc)
+            return 0  # the node's tick shows the topic's loss: filled from Postgres
+        merge.on_message(topic, None if prev is None else int(prev), events)
+        return len(events)
+
+    def _take_tick(self, merge: TopicMerge, node: int, data: bytes) -> None:
+        try:
+            body = orjson.loads(data)
+            start, upto, last = int(body["from"]), int(body["upto"]), body["last"]
+            if not isinstance(last, dict):
+                raise TypeError(f"last is a {type(last).__name__}")
         except (ValueError, KeyError, TypeError) as exc:
-            logger.error("skipping a tick on %s: %s", item.channel, exc)
+            logger.error("skipping a tick on %s: %s", self._ticks[node], exc)
             return  # the next tick's `from` shows the loss
-        merge.on_tick(item.node, start, upto, last)
+        merge.on_tick(node, start, upto, last)
 
     async def _step(self, merge: TopicMerge) -> Batch | None:
         """Settle what was confirmed, fill the gaps below the bound, release up to it."""
@@ -328,6 +405,7 @@ class ChannelBus:
                 node = shards.node_of(prefix) if shards.cluster else 0
                 self._control = RedisBus(shards.urls[node], prefix)
                 self._ticks = [self.tick_channel(shards, n) for n in range(shards.size)]
+                self._tick_keys = [tick.encode() for tick in self._ticks]
                 self._shards = shards
                 logger.info(
                     "channel bus on %d Redis node%s%s",
@@ -391,7 +469,7 @@ class ChannelBus:
     async def close(self) -> None:
         """Close every connection and end the reader. Idempotent."""
         self._closed.set()
-        self._queue.put_nowait(None)
+        self._wake.set()
         if self._control is not None:
             await self._control.close()
         if self._shards is not None:

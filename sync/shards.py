@@ -13,7 +13,7 @@ restarted (see the README).
 `NodeListener` holds one subscription connection to one node, with a set of shard channels
 that may grow and shrink (`want` and `drop` send SSUBSCRIBE and SUNSUBSCRIBE at once); on a
 failure it reconnects with backoff and jitter and subscribes its whole set again (FIELD-NOTES
-§4: its own connection, no retries inside a client library). What it hears goes to one queue,
+§4: its own connection, no retries inside a client library). What it hears goes to a callback,
 one list of items per socket read, in the node's order: `Heard` for each message, a
 `Listening` item per confirmed SSUBSCRIBE (`whole` once a (re)connection's whole set is
 confirmed) and `Lost` when the connection drops.
@@ -23,9 +23,9 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import hiredis
@@ -51,21 +51,20 @@ PONG_TIMEOUT_S = 5.0
 """Seconds after that `PING` within which something must arrive, or the connection is made
 again."""
 
-READ_BYTES = 1 << 16
-"""Bytes asked for per read of a subscription connection."""
-
 SUBSCRIBE_CHUNK = 1000
 """Channels named by one SSUBSCRIBE or SUNSUBSCRIBE command at most."""
 
 _TRANSPORT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+_LISTEN_ERRORS = (OSError, EOFError, ValueError, hiredis.HiredisError)
+"""What ends a subscription connection in the normal course: the network, the node, a refusal."""
 
 
-@dataclass(frozen=True, slots=True)
-class Heard:
-    """A message published on `channel`, heard from node `node`."""
+class Heard(NamedTuple):
+    """A message published on `channel` (its name as sent, bytes), heard from node `node`.
+    A tuple: one is built per message, on the hot path."""
 
     node: int
-    channel: str
+    channel: bytes
     data: bytes
 
 
@@ -200,30 +199,36 @@ class Shards:
             await client.aclose()
 
 
+Deliver = Callable[[list[Item]], None]
+"""Where a `NodeListener` hands what it hears: one call per read from its socket."""
+
+
 class NodeListener:
     """One subscription connection to node `node` at `url`, for a changing set of shard
-    channels (see the module docstring), putting what it hears on `queue` until `closed`:
-    one list of items per read from the socket. `always` names channels it always holds
-    (the node's tick channel). Create it inside a running event loop, then `run()` it.
+    channels (see the module docstring), handing what it hears to `deliver` until `closed`:
+    one list of items per read from the socket, called from the event loop's read callback.
+    `always` names channels it always holds (the node's tick channel). Create it inside a
+    running event loop, then `run()` it.
 
-    The connection is its own (asyncio streams, replies parsed by hiredis's `Reader`, several
-    per read): redis-py's pub/sub client costs tens of µs per message and must poll to send a
-    new subscription (bench/RESULTS.md, "Interest-based fan-out"). `want` and `drop` write
-    their SSUBSCRIBE/SUNSUBSCRIBE at once. A watchdog sends PING after `WATCHDOG_IDLE_S` of
-    silence and drops a connection that answers nothing within `PONG_TIMEOUT_S`.
+    The connection is its own (an `asyncio.Protocol`, replies parsed by hiredis's `Reader`,
+    several per read): redis-py's pub/sub client costs tens of µs per message and must poll to
+    send a new subscription, and a stream reader adds a task switch per read (bench/RESULTS.md,
+    "Interest-based fan-out"). `want` and `drop` write their SSUBSCRIBE/SUNSUBSCRIBE at once.
+    A watchdog sends PING after `WATCHDOG_IDLE_S` of silence and drops a connection that
+    answers nothing within `PONG_TIMEOUT_S`.
     """
 
     def __init__(
         self,
         node: int,
         url: str,
-        queue: "asyncio.Queue[list[Item] | None]",
+        deliver: Deliver,
         closed: asyncio.Event,
         always: Iterable[str] = (),
     ) -> None:
         self.node = node
         self.url = url
-        self.queue = queue
+        self._deliver = deliver
         self._always = set(always)
         self._wanted: set[str] = set(self._always)
         self._held: set[str] = set()
@@ -233,7 +238,8 @@ class NodeListener:
         """While a new connection's SSUBSCRIBE of its whole set is not all confirmed: what is
         left; what arrives meanwhile waits in `_early`."""
         self._early: list[Item] = []
-        self._writer: asyncio.StreamWriter | None = None
+        self._transport: asyncio.Transport | None = None
+        self._parser = hiredis.Reader()
         self._heard = 0.0
         """Monotonic time of the last read from the connection."""
         self._outages = Outages(closed, logger)
@@ -249,7 +255,7 @@ class NodeListener:
         channels = set(channels)
         self._wanted.update(channels)
         if held := frozenset(channels & self._confirmed):
-            self.queue.put_nowait([Listening(self.node, held, whole=False)])
+            self._deliver([Listening(self.node, held, whole=False)])
         self._send("SSUBSCRIBE", channels - self._held)
 
     def drop(self, channels: Iterable[str]) -> None:
@@ -264,9 +270,11 @@ class NodeListener:
             while not self._outages.closed.is_set():
                 try:
                     await self._outages.until_closed(self._listen())
-                except (OSError, EOFError, ValueError, hiredis.HiredisError) as exc:
+                except Exception as exc:  # a bug too: the node must be heard again
+                    if not isinstance(exc, _LISTEN_ERRORS):
+                        logger.exception("listening to node %s failed", self.url)
                     self._disconnect()
-                    self.queue.put_nowait([Lost(self.node)])
+                    self._deliver([Lost(self.node)])
                     await self._outages.back_off(
                         f"listening to node {self.url}", f"{type(exc).__name__}: {exc}"
                     )
@@ -275,27 +283,48 @@ class NodeListener:
             self._disconnect()
 
     async def _listen(self) -> None:
-        reader = await self._connect()
-        parser = hiredis.Reader()
+        """Connect, subscribe the whole set, and hear it until the connection ends; raises
+        what ended it."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[BaseException] = loop.create_future()
+        parts = urlsplit(self.url)
+        context = ssl.create_default_context() if parts.scheme == "rediss" else None
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            transport, _ = await loop.create_connection(
+                lambda: _Subscription(self._received, ended),
+                parts.hostname or "127.0.0.1",
+                parts.port or 6379,
+                ssl=context,
+            )
+        self._transport, self._parser = transport, hiredis.Reader()
+        self._heard = time.monotonic()
+        self._held, self._confirmed = set(), set()
+        self._opening = set(self._wanted)
+        if parts.password:  # its OK is read as any other reply; a refusal ends the connection
+            user = unquote(parts.username) if parts.username else None
+            self._write(command("AUTH", *(u for u in (user,) if u), unquote(parts.password)))
+        self._send("SSUBSCRIBE", self._wanted)
         watchdog = asyncio.ensure_future(self._watch())
         try:
-            while True:
-                data = await reader.read(READ_BYTES)
-                if not data:
-                    raise EOFError("the connection to the node ended")
-                self._heard = time.monotonic()
-                parser.feed(data)
-                items: list[Item] = []
-                while (reply := parser.gets()) is not False:
-                    self._take(reply, items)
-                if items:
-                    self.queue.put_nowait(items)
+            raise await ended
         finally:
             watchdog.cancel()
 
+    def _received(self, data: bytes) -> None:
+        """One read from the socket: parse every whole reply and deliver what they say.
+        Raises ValueError for a refused command, hiredis.HiredisError for a broken reply."""
+        self._heard = time.monotonic()
+        parser = self._parser
+        parser.feed(data)
+        items: list[Item] = []
+        while (reply := parser.gets()) is not False:
+            self._take(reply, items)
+        if items:
+            self._deliver(items)
+
     async def _watch(self) -> None:
-        """Send PING after `WATCHDOG_IDLE_S` of silence; abort the connection (ending the
-        read with EOF) when nothing comes within `PONG_TIMEOUT_S` after it."""
+        """Send PING after `WATCHDOG_IDLE_S` of silence; abort the connection (ending it with
+        an error) when nothing comes within `PONG_TIMEOUT_S` after it."""
         pinged: float | None = None
         while True:
             await asyncio.sleep(WATCHDOG_IDLE_S / 3)
@@ -305,21 +334,22 @@ class NodeListener:
             elif pinged is None:
                 self._write(command("PING"))
                 pinged = now
-            elif now - pinged > PONG_TIMEOUT_S and self._writer is not None:
+            elif now - pinged > PONG_TIMEOUT_S and self._transport is not None:
                 logger.warning("node %s answered no PING within %s s", self.url, PONG_TIMEOUT_S)
-                self._writer.transport.abort()
+                self._transport.abort()
 
     def _take(self, reply: Any, items: list[Item]) -> None:
+        if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"smessage":
+            (self._early if self._opening is not None else items).append(
+                Heard(self.node, reply[1], reply[2])
+            )
+            return
         if isinstance(reply, hiredis.ReplyError):
             raise ValueError(f"node {self.url} refused a command: {reply}")
         if not isinstance(reply, list) or len(reply) < 3:
-            return  # PONG
+            return  # PONG, OK
         kind, channel = reply[0], reply[1].decode()
-        if kind == b"smessage":
-            (self._early if self._opening is not None else items).append(
-                Heard(self.node, channel, reply[2])
-            )
-        elif kind == b"ssubscribe":
+        if kind == b"ssubscribe":
             self._confirmed.add(channel)
             if self._opening is None:
                 items.append(Listening(self.node, frozenset((channel,)), whole=False))
@@ -335,33 +365,10 @@ class NodeListener:
         elif kind == b"sunsubscribe":
             self._confirmed.discard(channel)
 
-    async def _connect(self) -> asyncio.StreamReader:
-        parts = urlsplit(self.url)
-        context = ssl.create_default_context() if parts.scheme == "rediss" else None
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            reader, writer = await asyncio.open_connection(
-                parts.hostname or "127.0.0.1", parts.port or 6379, ssl=context
-            )
-            if parts.password:
-                user = unquote(parts.username) if parts.username else None
-                writer.write(command("AUTH", *(u for u in (user,) if u), unquote(parts.password)))
-                reply = hiredis.Reader()
-                while (answer := reply.gets()) is False:
-                    reply.feed(await reader.read(READ_BYTES) or b"")
-                if isinstance(answer, hiredis.ReplyError):
-                    writer.close()
-                    raise ValueError(f"node {self.url} refused AUTH: {answer}")
-        self._writer = writer
-        self._heard = time.monotonic()
-        self._held, self._confirmed = set(), set()
-        self._opening = set(self._wanted)
-        self._send("SSUBSCRIBE", self._wanted)
-        return reader
-
     def _send(self, verb: str, channels: set[str]) -> None:
         """`verb` (SSUBSCRIBE or SUNSUBSCRIBE) for `channels`, one command per hash slot:
         a cluster node refuses channels of several slots in one (CROSSSLOT)."""
-        if not channels or self._writer is None:
+        if not channels or self._transport is None:
             return
         by_slot: dict[int, list[str]] = {}
         for channel in sorted(channels):
@@ -376,14 +383,45 @@ class NodeListener:
             self._confirmed.difference_update(channels)
 
     def _write(self, data: bytes) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(data)
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
 
     def _disconnect(self) -> None:
         self._held, self._confirmed, self._opening, self._early = set(), set(), None, []
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+
+
+class _Subscription(asyncio.Protocol):
+    """The protocol of a `NodeListener`'s connection: each read goes to `received`; the
+    connection's end (or a reply that `received` refuses, which aborts it) sets `ended` to
+    its cause."""
+
+    def __init__(
+        self, received: Callable[[bytes], None], ended: "asyncio.Future[BaseException]"
+    ) -> None:
+        self._received = received
+        self._ended = ended
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's derive from neither
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._received(data)
+        except (ValueError, hiredis.HiredisError) as exc:
+            self._end(exc)
+            if self._transport is not None:
+                self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc if exc is not None else EOFError("the connection to the node ended"))
+
+    def _end(self, cause: BaseException) -> None:
+        if not self._ended.done():
+            self._ended.set_result(cause)
 
 
 def command(*parts: str | bytes) -> bytes:

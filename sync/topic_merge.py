@@ -122,6 +122,8 @@ class TopicMerge:
     def to_settle(self) -> tuple[list[ChannelKey], set[int]]:
         """Topics to settle now (listening, not settled, or on a node to resync) and those
         nodes; `settle` with the outbox read after the confirmation then closes them."""
+        if not self._unsettled and not self._resyncing:
+            return [], set()
         names = [n for n in self._unsettled if self._topics[n].listening]
         nodes = set(self._resyncing)
         if nodes:
@@ -172,28 +174,48 @@ class TopicMerge:
     def on_tick(self, node: int, start: int, upto: int, last: Mapping[ChannelKey, int]) -> None:
         """One tick of `node` covering `(start, upto]` with its topics' last positions."""
         tick = self.ticks[node]
+        if upto > tick:
+            self.ticks[node] = upto
+        topics = self._topics
+        if not topics:
+            return
         if start > tick:
-            for name, topic in self._topics.items():
+            for name, topic in topics.items():
                 if topic.node == node and topic.settled:
                     self._gap(name, tick, start)
         for name, position in last.items():
-            state = self._topics.get(name)
+            state = topics.get(name)
             if state is not None and state.settled and position > state.seen:
                 self._gap(name, state.seen, position)
                 state.seen = position
-        self.ticks[node] = max(tick, upto)
+
+    def ready(self) -> bool:
+        """True when a step has work: topics or nodes to settle (`to_settle`), or gaps or
+        heard events at or below `bound()`."""
+        # Each loop is guarded: a set or dict emptied after holding thousands of topics keeps
+        # its table, and iterating it costs as much as when it was full.
+        if self._resyncing:
+            return True
+        if self._unsettled and any(self._topics[n].listening for n in self._unsettled):
+            return True
+        bound = self.bound()
+        if self._gaps and any(low < bound for low, _ in self._gaps.values()):
+            return True
+        return bool(self._pending) and min(self._pending) <= bound
 
     def bound(self) -> int:
         """The position up to which a release may go now: the lowest tick, and no further
         than the `since` of a topic not yet settled."""
         bound = min(self.ticks)
-        for name in self._unsettled:
-            bound = min(bound, self._topics[name].since)
+        if self._unsettled:
+            bound = min(bound, *(self._topics[name].since for name in self._unsettled))
         return bound
 
     def fills(self, upto: int) -> tuple[list[ChannelKey], int] | None:
         """The gaps to fill before releasing up to `upto`: (their topics, the lowest position
         to read after, not before the release), or None when there is none below `upto`."""
+        if not self._gaps:
+            return None
         due = [name for name, (low, _) in self._gaps.items() if low < upto]
         if not due:
             return None

@@ -257,7 +257,7 @@ class Simulation:
     # the reader
 
     def take(self) -> None:
-        """Hand every queued item to the merge, as `ChannelBus._take` does."""
+        """Hand every queued item to the merge, as `ChannelBus._take_all` does."""
         items, self.queue = self.queue, []
         merge = self.merge
         for item in items:
@@ -271,8 +271,20 @@ class Simulation:
                 merge.lost(item.node)
 
     def step(self) -> None:
-        """`take`, then one `ChannelBus._step`: settle, fill the gaps, release."""
+        """`take`, then one `ChannelBus._step`: settle, fill the gaps, release. A step the
+        merge was not `ready()` for must read nothing and release no event: the channel bus
+        skips it (it only moves the position, later)."""
         self.take()
+        merge = self.merge
+        if not merge.ready():
+            reads, released = len(self.reads), len(self.released)
+            self._step()
+            assert len(self.reads) == reads, "a step that was not ready read Postgres"
+            assert len(self.released) == released, "a step that was not ready released events"
+            return
+        self._step()
+
+    def _step(self) -> None:
         merge = self.merge
         topics, nodes = merge.to_settle()
         if topics or nodes:
@@ -394,6 +406,26 @@ def test_in_order_delivery_releases_every_event_once_with_no_fill() -> None:
     assert sim.positions() == [1, 2, 3, 4]
     assert sim.merge.released == 5
     assert sim.fills() == []
+
+
+def test_ready_only_for_a_settle_a_fill_or_an_event_up_to_the_bound() -> None:
+    merge = TopicMerge(0, 1)
+    merge.subscribe(U1, 0, 0)
+    assert not merge.ready()  # not yet confirmed: nothing to settle
+    merge.listening(0, [U1], whole=True)
+    assert merge.ready()  # its node resyncs and the topic settles
+    merge.settle(*merge.to_settle(), 0, [])
+    assert not merge.ready()
+
+    merge.on_tick(0, 0, 4, {})
+    assert merge.bound() == 4 and not merge.ready()  # only the position would move
+    merge.on_message(U1, None, [for_user(6)])
+    assert not merge.ready()  # heard, but past the bound
+    merge.on_tick(0, 4, 6, {U1: 6})
+    assert merge.ready()
+    merge.release(merge.bound())
+    merge.on_tick(0, 6, 9, {U1: 8})  # its message up to 8 was lost
+    assert merge.ready()
 
 
 def test_a_lost_message_is_found_by_the_ticks_last_and_filled() -> None:
