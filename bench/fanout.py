@@ -17,12 +17,12 @@ against a baseline of the same invocation:
    stream is open and the gateways are quiet, each gateway's CPU at rest is read over 6 s
    (presence heartbeats, status reports, keep-alives; no event published); then this process
    publishes `--rate` events/s through the SDK (`core.publish.publish_many`, the events due
-   every 10 ms in one transaction): each is a workspace event (`stream_event.created` in a
-   random workspace, delivered to its members) with probability `--workspace-share`, else a
-   user event (`notification.created` for a random user, delivered to that user). After
-   `--warmup` seconds, every gateway
-   process's CPU (utime + stime from `/proc/<pid>/stat`) and metrics are read, and again
-   `--window` seconds later. Runs, alternating, `--repeats` times each:
+   every `--commit-ms` ms, 10 by default, in one transaction): each is a workspace event
+   (`stream_event.created` in a random workspace, delivered to its members) with probability
+   `--workspace-share`, else a user event (`notification.created` for a random user,
+   delivered to that user). After `--warmup` seconds, every gateway process's CPU (utime +
+   stime from `/proc/<pid>/stat`) and metrics are read, and again `--window` seconds later.
+   Runs, alternating, `--repeats` times each:
 
    (a) + (c) the stream bus on one Redis (`tests.services.RedisProcess`): the loaded
        gateways (a), and the extra gateway (c), which reads the same event flow and serves
@@ -49,6 +49,14 @@ against a baseline of the same invocation:
    too, and with both the cluster's bus-input share is also estimated from the one-Redis share
    plus the cluster's extra tick cost, (d on the cluster - d on one Redis) / c.
 
+   Bus input is also measured directly, with no delivery work to subtract: each run starts
+   `bench.bus_input` processes beside the gateways, each the bus reader of a replica alone
+   (no HTTP server, dispatcher or presence): on the stream bus one reading everything, on the
+   channel bus one subscribing quarter 0's topics (what its loaded gateway subscribes) and one
+   subscribing none (ticks only). Their CPU over the window, as a share of the reader of
+   everything, is the direct bus-input share (goal: at most 0.35), with the events each read
+   against those published for quarter 0, and any read out of order or past a gap.
+
 2. **Targeted on one Redis** (`targeted`): the suite's `targeted` scenario (bench/scenarios.py:
    10,000 users, 5,000 user events/s, gateway pinned to cpu 0, client, publisher and relay on
    cpu 1, one Redis: the machine's, as `bench.suite` uses) on the stream bus and on the
@@ -60,8 +68,8 @@ process, Redis and database started here is stopped or dropped whatever happens;
 stay in `--logs` (default: a new temporary folder), named in the report.
 
     .venv/bin/python -m bench.fanout [--users 8000] [--gateways 4] [--workspaces 20]
-                                     [--rate 2000] [--workspace-share 0.1] [--warmup 3]
-                                     [--window 20] [--repeats 2] [--nodes 3]
+                                     [--rate 2000] [--commit-ms 10] [--workspace-share 0.1]
+                                     [--warmup 3] [--window 20] [--repeats 2] [--nodes 3]
                                      [--setups stream,channels-single,channels-cluster]
                                      [--targeted-rounds 2] [--ingest wal|trigger]
                                      [--py-spy BINARY] [--out bench/results-fanout.json]
@@ -76,6 +84,7 @@ import os
 import random
 import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,8 +118,9 @@ DEFAULT_OUT: Final = Path(__file__).parent / "results-fanout.json"
 BODY_BYTES: Final = 200
 """Size of every event's `data` (`bench.targets.payload`), bytes."""
 
-TICK_S: Final = 0.01
-"""The publisher commits the events due every 10 ms in one transaction."""
+COMMIT_S: Final = 0.01
+"""By default the publisher commits the events due every 10 ms in one transaction
+(`--commit-ms`): about 100 relay batches/s."""
 
 GOAL_BUS_INPUT: Final = 0.35
 """Goal: a channel-bus replica's bus-input CPU at most this share of reading everything."""
@@ -215,15 +225,17 @@ class World:
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    """The command line: the world, the load (events/s, share of workspace events), the
-    phases (s: warm-up, window, longest settle, rest, the load clients' tail past the window), the
-    setups run and the repeats of each, cluster nodes, ingest mode, rounds of the targeted
-    comparison (0: not run) and its sizes (`targeted_quick`: the suite's quick ones), the
-    publisher's random seed, where process logs go (None: a new temporary folder), and a
-    py-spy binary to profile with (None: no profiles)."""
+    """The command line: the world, the load (events/s, the publisher's commit interval in
+    s, share of workspace events), the phases (s: warm-up, window, longest settle, rest, the
+    load clients' tail past the window), the setups run and the repeats of each, cluster
+    nodes, ingest mode, rounds of the targeted comparison (0: not run) and its sizes
+    (`targeted_quick`: the suite's quick ones), the publisher's random seed, where process
+    logs go (None: a new temporary folder), and a py-spy binary to profile with (None: no
+    profiles)."""
 
     world: World = field(default_factory=World)
     rate: float = 2000.0
+    commit_s: float = COMMIT_S
     workspace_share: float = 0.1
     warmup_s: float = 3.0
     window_s: float = 20.0
@@ -289,20 +301,28 @@ class Published:
 
 
 class MixedPublisher:
-    """Commits `rate` events/s through the SDK, the events due every 10 ms in one transaction
-    (`publish_many`), until `stop` is set: each a workspace event (`stream_event.created` in a
-    random workspace's public stream) with probability `workspace_share`, else a user event
+    """Commits `rate` events/s through the SDK, the events due every `commit_s` seconds in one
+    transaction (`publish_many`), until `stop` is set: each a workspace event
+    (`stream_event.created` in a random workspace's public stream) with probability
+    `workspace_share`, else a user event
     (`notification.created` for a random user); `data` is `payload(200)` with `ts` taken just
     before the call. `published` counts them by quarter; `behind_max` is the most events ever
     due at once (a sign the publisher could not keep up); `elapsed_s` the time it ran. Raises
     what asyncpg raises."""
 
     def __init__(
-        self, dsn: str, world: World, rate: float, workspace_share: float, seed: int
+        self,
+        dsn: str,
+        world: World,
+        rate: float,
+        workspace_share: float,
+        seed: int,
+        commit_s: float = COMMIT_S,
     ) -> None:
         self.dsn = dsn
         self.world = world
         self.rate = rate
+        self.commit_s = commit_s
         self.workspace_share = workspace_share
         self.published = Published([0] * world.quarters, [0] * world.quarters)
         self.behind_max = 0
@@ -348,7 +368,7 @@ class MixedPublisher:
                     async with conn.transaction():
                         await publish_many(conn, events)
                     sent += due
-                next_tick += TICK_S
+                next_tick += self.commit_s
                 await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
             self.elapsed_s = time.monotonic() - start
         finally:
@@ -602,6 +622,7 @@ async def measure_run(
         }
     )
     loads: list[asyncio.Task[LoadResult]] = []
+    readers: list[InputReader] = []
     stop = asyncio.Event()
     publishing: asyncio.Task[None] | None = None
     try:
@@ -618,6 +639,11 @@ async def measure_run(
             wait_leading(dsn, options.ingest),
         )
         loaded = gateways[:-1]
+        kind = STREAM if setup.bus == STREAM else "channels"
+        readers = [
+            start_input_reader(setup, world, label, dsn, prefix, run_logs)
+            for label in INPUT_READERS[kind]
+        ]
         measure_s = sum(
             (options.settle_s, options.rest_s, options.warmup_s, options.window_s, options.tail_s)
         )
@@ -645,13 +671,15 @@ async def measure_run(
         settle_s = await wait_quiet(gateways, options.settle_s)
         rest = await rest_cpu(gateways, options.rest_s)
         publisher = MixedPublisher(
-            dsn, world, options.rate, options.workspace_share, options.seed + repeat
-        )
+            dsn, world, options.rate, options.workspace_share, options.seed + repeat,
+            options.commit_s,
+        )  # fmt: skip
         publishing = asyncio.create_task(publisher.run(stop), name="publisher")
         await asyncio.sleep(options.warmup_s)
         key = f"{prefix}events"
         position0 = await stream_position(setup.url, key) if setup.bus == "stream" else 0
         starts = [await read_gateway(g, cpu_first=False) for g in gateways]
+        input_starts = [await input_counts(r) for r in readers]
         profiles = start_profiles(options, gateways, run_logs)
         redis_pids = [pid for port in setup.ports for pid in listening_pids(port)]
         others0 = (cpu_seconds([relay.pid]), cpu_seconds(redis_pids))
@@ -659,6 +687,7 @@ async def measure_run(
         await asyncio.sleep(options.window_s)
         seconds = time.monotonic() - t0
         others1 = (cpu_seconds([relay.pid]), cpu_seconds(redis_pids))
+        input_ends = [await input_counts(r) for r in readers]
         ends = [await read_gateway(g, cpu_first=True) for g in reversed(gateways)][::-1]
         for profile in profiles:
             await asyncio.to_thread(profile.wait, 30)
@@ -672,6 +701,7 @@ async def measure_run(
         clients = [client_row(await load) for load in loads]
         exited = [f"{p.pid}: {p.returncode}" for p in processes.started if p.poll() is not None]
     finally:
+        await stop_input_readers(readers)
         stop.set()
         if publishing is not None and not publishing.done():
             publishing.cancel()
@@ -693,6 +723,10 @@ async def measure_run(
         row["delivered_per_expected"] = row["deliveries"] / expected if expected else None
         row["clients"] = clients[quarter]
         replicas.append(row)
+    inputs = {}
+    wanted = {"quarter0": published.user[0] + published.workspace[0], "no-topics": 0}
+    for reader, first, last in zip(readers, input_starts, input_ends, strict=True):
+        inputs[reader.label] = input_row(first, last, seconds, wanted.get(reader.label))
     return {
         "setup": setup.name,
         "bus": setup.bus,
@@ -710,6 +744,7 @@ async def measure_run(
         },
         "replicas": replicas,
         "idle": idle,
+        "inputs": inputs,
         "relay_cpu_per_s": (others1[0] - others0[0]) / seconds,
         "redis_cpu_per_s": (others1[1] - others0[1]) / seconds,
         "redis_processes": len(redis_pids),
@@ -737,6 +772,85 @@ async def forget_keys(setup: BusSetup, prefix: str) -> None:
 
 
 # --- derived figures ---------------------------------------------------------------------------
+
+
+INPUT_READERS: Final = {STREAM: ("everything",), "channels": ("quarter0", "no-topics")}
+"""The `bench.bus_input` processes of a run, by bus: on the stream bus one reading
+everything; on the channel bus one subscribing quarter 0's topics (what its loaded replica
+subscribes) and one subscribing none (ticks only)."""
+
+REPORT_WAIT_S: Final = 5.0
+"""Longest wait for a `bench.bus_input` process to append its counts, seconds."""
+
+
+@dataclass(slots=True)
+class InputReader:
+    """A running `bench.bus_input` process: its `label` (`INPUT_READERS`) and counts file."""
+
+    label: str
+    process: subprocess.Popen[bytes]
+    out: Path
+
+
+def start_input_reader(
+    setup: BusSetup, world: World, label: str, dsn: str, prefix: str, log_dir: Path
+) -> InputReader:
+    """Start `python -m bench.bus_input` on `setup`'s bus for the topics `label` names."""
+    out = log_dir / f"input-{label}.jsonl"
+    argv = [sys.executable, "-m", "bench.bus_input", "--bus", setup.bus]
+    argv += ["--redis-url", setup.url, "--prefix", prefix, "--dsn", dsn, "--out", str(out)]
+    if label == "quarter0":
+        users = world.users_of(0)
+        argv += ["--users", f"u{users[0]}-u{users[-1]}"]
+        argv += ["--workspaces", f"w0-w{world.workspaces - 1}"]
+    with open(log_dir / f"input-{label}.log", "ab") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=log)
+    return InputReader(label, process, out)
+
+
+async def input_counts(reader: InputReader) -> dict[str, Any]:
+    """`reader`'s CPU seconds (read first) and the counts it appends on SIGUSR1. Raises
+    RuntimeError when it exited or appends nothing within `REPORT_WAIT_S`."""
+    cpu = cpu_seconds([reader.process.pid])
+    lines = reader.out.read_bytes().count(b"\n") if reader.out.exists() else 0
+    reader.process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + REPORT_WAIT_S
+    while time.monotonic() < deadline:
+        if reader.process.poll() is not None:
+            raise RuntimeError(f"bus input reader {reader.label} exited")
+        if reader.out.exists():
+            text = reader.out.read_bytes().splitlines()
+            if len(text) > lines:
+                return {"cpu_s": cpu, **orjson.loads(text[-1])}
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"bus input reader {reader.label} reported nothing")
+
+
+async def stop_input_readers(readers: Sequence[InputReader]) -> None:
+    """SIGTERM every reader, then SIGKILL one still running 10 s later."""
+    for reader in readers:
+        reader.process.terminate()
+    for reader in readers:
+        try:
+            await asyncio.to_thread(reader.process.wait, 10)
+        except subprocess.TimeoutExpired:
+            reader.process.kill()
+
+
+def input_row(
+    start: dict[str, Any], end: dict[str, Any], seconds: float, expected: int | None
+) -> dict[str, Any]:
+    """One input reader over the window: CPU s/s, events and batches per second, events
+    against `expected` (None: all), events read out of order and gaps seen."""
+    events = end["events"] - start["events"]
+    return {
+        "cpu_per_s": (end["cpu_s"] - start["cpu_s"]) / seconds,
+        "events_per_s": events / seconds,
+        "batches_per_s": (end["batches"] - start["batches"]) / seconds,
+        "read_per_expected": events / expected if expected else None,
+        "disorder": end["disorder"],
+        "gaps": end["gaps"] - start["gaps"],
+    }
 
 
 def mean(values: Sequence[float]) -> float | None:
@@ -777,6 +891,38 @@ def net_loaded(runs: Sequence[dict[str, Any]]) -> list[float]:
 def net_idle(runs: Sequence[dict[str, Any]]) -> list[float]:
     """CPU s/s over the window less CPU s/s at rest, of the clientless replica of `runs`."""
     return [run["idle"]["cpu_per_s"] - run["idle"]["rest_cpu_per_s"] for run in runs]
+
+
+def input_cpu(runs: Sequence[dict[str, Any]], label: str) -> dict[int, float]:
+    """CPU s/s of the `label` input reader of each of `runs`, by repeat."""
+    return {r["repeat"]: r["inputs"][label]["cpu_per_s"] for r in runs if label in r["inputs"]}
+
+
+def summarize_inputs(
+    stream: Sequence[dict[str, Any]], channels: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """The input readers (`bench.bus_input`) of a channel-bus setup against the stream bus's:
+    the CPU of the one subscribing quarter 0's topics as a share of the one reading
+    everything (overall and per repeat), the same for the one subscribing nothing (ticks
+    only), the events the quarter-0 reader read against those published for quarter 0, and
+    the events read out of order and gaps seen by any."""
+    everything = input_cpu(stream, "everything")
+    quarter, ticks = input_cpu(channels, "quarter0"), input_cpu(channels, "no-topics")
+    rows = [row for run in channels for row in run["inputs"].values()]
+    reads = [run["inputs"]["quarter0"]["read_per_expected"] for run in channels]
+    return {
+        "everything_cpu_per_s": mean(list(everything.values())),
+        "quarter_cpu_per_s": mean(list(quarter.values())),
+        "ticks_only_cpu_per_s": mean(list(ticks.values())),
+        "share": ratio(mean(list(quarter.values())), mean(list(everything.values()))),
+        "share_per_repeat": [
+            ratio(cpu, everything.get(repeat)) for repeat, cpu in sorted(quarter.items())
+        ],
+        "ticks_only_share": ratio(mean(list(ticks.values())), mean(list(everything.values()))),
+        "read_per_expected": spread([r for r in reads if r is not None]),
+        "disorder": sum(row["disorder"] for row in rows),
+        "gaps": sum(row["gaps"] for row in rows),
+    }
 
 
 def summarize_channels(
@@ -851,6 +997,7 @@ def summarize_channels(
         "gap_fills": sum(loaded(channels, "gap_fills")),
         "relay_cpu_per_s": mean([r["relay_cpu_per_s"] for r in channels]),
         "redis_cpu_per_s": mean([r["redis_cpu_per_s"] for r in channels]),
+        "input_readers": summarize_inputs(stream, channels),
     }
 
 
@@ -1080,6 +1227,13 @@ def print_run(run: dict[str, Any]) -> None:
             f"{number(row['topic_bytes_per_s']):>11}{number(row['tick_bytes_per_s']):>10}"
             f"{row['topics']:>8.0f}{row['gap_fills']:>6.0f}"
         )
+    for label, row in run["inputs"].items():
+        print(
+            f"  input reader {label}: {number(row['cpu_per_s'])} s/s,"
+            f" {number(row['events_per_s'])} events/s in {number(row['batches_per_s'])}"
+            f" batches/s, read / published {number(row['read_per_expected'])}, out of order"
+            f" {row['disorder']}, gaps {row['gaps']}"
+        )
     clients = run["clients"]
     if run["stream_bytes_per_s"] is not None:
         print(f"  stream entries read by each replica: {number(run['stream_bytes_per_s'])} B/s")
@@ -1141,6 +1295,16 @@ def print_summary(report: dict[str, Any]) -> None:
             f" {number(figures['net_bus_input_share'])} of (c) less its rest; (d) / (c), both"
             f" less their rest: {number(figures['net_ticks_only_share'])}"
         )
+        inputs = figures["input_readers"]
+        print(
+            f"    input readers: quarter 0's topics {number(inputs['quarter_cpu_per_s'])} s/s"
+            f" against everything {number(inputs['everything_cpu_per_s'])} s/s ="
+            f" {number(inputs['share'])} (goal <= {GOAL_BUS_INPUT}); per repeat"
+            f" {[number(v) for v in inputs['share_per_repeat']]}; ticks only"
+            f" {number(inputs['ticks_only_share'])}; read / published for quarter 0"
+            f" {[number(v) for v in inputs['read_per_expected'] or []]}; out of order"
+            f" {inputs['disorder']}, gaps {inputs['gaps']}"
+        )
         if figures["loaded_degraded"]:
             print(
                 f"    DEGRADED: {figures['loaded_degraded']} loaded replica readings ended the"
@@ -1175,6 +1339,12 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Options, Path]:
     parser.add_argument("--gateways", type=int, default=4, help="loaded gateways (quarters)")
     parser.add_argument("--workspaces", type=int, default=20, help="workspaces per quarter")
     parser.add_argument("--rate", type=float, default=2000.0, help="events per second")
+    parser.add_argument(
+        "--commit-ms",
+        type=float,
+        default=COMMIT_S * 1000,
+        help="the publisher commits the events due every this many ms in one transaction",
+    )
     parser.add_argument(
         "--workspace-share", type=float, default=0.1, help="share of workspace events"
     )
@@ -1216,6 +1386,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Options, Path]:
     options = Options(
         world=world,
         rate=args.rate,
+        commit_s=args.commit_ms / 1000,
         workspace_share=args.workspace_share,
         warmup_s=args.warmup,
         window_s=args.window,

@@ -3,7 +3,8 @@
 Eight users in two quarters (two workspaces of two users each per quarter), a relay, two loaded
 gateways and one without clients, 100 events/s for 1.2 s, on the stream bus and then on the
 channel bus, both on one Redis of the run's own: every stream must open and stay open, each
-quarter's deliveries must follow what was published for it, and the summary must hold every
+quarter's deliveries must follow what was published for it, the bus input readers must read
+quarter 0's events (or none, or all) in order with no gap, and the summary must hold every
 figure the report prints, each a finite number.
 """
 
@@ -68,6 +69,16 @@ async def test_both_buses_run_and_every_ratio_is_a_finite_number(
     assert all(r["received_events"] > 0 and r["topics"] > 0 for r in channels["replicas"])
     assert channels["idle"]["received_events"] == 0 and channels["idle"]["tick_bytes"] > 0
     assert stream["stream_bytes_per_s"] > 0 and stream["stream_batches_per_s"] > 0
+    assert set(stream["inputs"]) == {"everything"} and set(channels["inputs"]) == {
+        "quarter0",
+        "no-topics",
+    }
+    for run in runs:
+        for row in run["inputs"].values():
+            assert row["disorder"] == 0 and row["gaps"] == 0, (row, run["logs"])
+    assert stream["inputs"]["everything"]["events_per_s"] > 0
+    assert 0.5 < channels["inputs"]["quarter0"]["read_per_expected"] < 1.5, channels["inputs"]
+    assert channels["inputs"]["no-topics"]["events_per_s"] == 0
 
     summary = report["fanout"]["summary"]
     assert finite(summary["stream"]["delivery_cpu_per_s"])
@@ -85,5 +96,9 @@ async def test_both_buses_run_and_every_ratio_is_a_finite_number(
     ):
         assert finite(figures[key]), (key, figures)
     assert all(finite(v) for v in figures["bus_input_share_per_repeat"])
+    inputs = figures["input_readers"]
+    assert finite(inputs["everything_cpu_per_s"]) and finite(inputs["quarter_cpu_per_s"]), inputs
+    if inputs["everything_cpu_per_s"] > 0:  # a tiny run may not reach one clock tick of CPU
+        assert finite(inputs["share"]) and finite(inputs["ticks_only_share"]), inputs
     assert 0 < figures["received_events_ratio"] <= 1
     assert figures["loaded_degraded"] == 0
