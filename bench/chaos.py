@@ -2,7 +2,8 @@
 
 Setup, all of the run's own: a fresh database (created, migrated, put in ingest mode `--ingest`
 (core/schema/ingest.py, default wal), seeded with the world of `tests.e2e.sequence.seed`;
-dropped at the end), a Redis server (`tests.services.RedisProcess`),
+dropped at the end), a Redis server (`tests.services.RedisProcess`) carrying the bus `--bus`
+(`USERSTREAM_BUS`: the stream bus by default, or the channel bus),
 two `userstream relay` processes (one active, one standby) and `--gateways` `userstream serve`
 processes with a short drain (`USERSTREAM_DRAIN_S=1`) and a small window of recent events
 (`USERSTREAM_WINDOW_EVENTS=200`), so that catch-ups after an outage page Postgres.
@@ -28,7 +29,7 @@ Until `--minutes` are over, every 2 to 6 s (seeded) one fault, chosen at random 
 - `gateway-pause`: a gateway stopped (SIGSTOP) for 1 to 2 s, then continued (SIGCONT);
 - `redis-loss-while-paused`: a gateway stopped for 0.5 to 1.5 s, then the bus loses what it
   has not read (FLUSHALL, or Redis killed and restarted, the gateway continued while Redis
-  is down): it must fill the gap from Postgres (counted from its `filling events` lines).
+  is down): it must fill the gap from Postgres (counted from its `filling` lines).
 In wal mode, also (`WAL_FAULT_KINDS`):
 - `pg-restart`: the run's own Postgres restarted (`PgServer.restart`, `pg_ctl restart -m
   fast`: every session ends, the slot stays); the time until a relay leads and streams the
@@ -61,7 +62,7 @@ client or the publisher failing). Every process and the database are cleaned up 
 happens.
 
     .venv/bin/python -m bench.chaos [--minutes 10] [--seed N] [--gateways 2] [--clients 8]
-                                    [--rate 50] [--ingest wal|trigger]
+                                    [--rate 50] [--ingest wal|trigger] [--bus stream|channels]
 """
 
 import argparse
@@ -240,7 +241,7 @@ class PacedPublisher(Publisher):
 @dataclass(frozen=True, slots=True)
 class Options:
     """The command line: run length (minutes), seed, gateways, clients, events per second,
-    ingest mode."""
+    ingest mode, bus (`USERSTREAM_BUS`: `stream` or `channels`, on the run's one Redis)."""
 
     minutes: float
     seed: int
@@ -248,6 +249,7 @@ class Options:
     clients: int
     rate: float
     ingest: Mode = "wal"
+    bus: str = "stream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +283,7 @@ class Chaos:
             {
                 "DATABASE_URL": dsn,
                 "REDIS_URL": redis.url,
+                "USERSTREAM_BUS": options.bus,
                 "USERSTREAM_REDIS_PREFIX": f"chaos{options.seed}:",
                 "USERSTREAM_JWT_SECRET": JWT_SECRET,
                 "USERSTREAM_RELAY_POLL_INTERVAL_S": "0.5",
@@ -652,7 +655,7 @@ class Chaos:
         """SIGSTOP a gateway, let 0.5 to 1.5 s of batches reach the bus unread by it, then lose
         them: FLUSHALL, then SIGCONT; or Redis killed, SIGCONT while it is down (the gateway
         is behind and cannot read; clients may move to it), then Redis restarted. Either way
-        the gateway must fill the gap from Postgres (its `filling events` log line)."""
+        the gateway must fill the gap from Postgres (its `filling` log lines)."""
         slot = self.rng.randrange(len(self.gateways))
         lag_s = self.rng.uniform(0.5, 1.5)
         process = self.gateways[slot].process
@@ -857,7 +860,7 @@ class Chaos:
             print(
                 f"catch-up after the final event: max {self.catch_up_s[slowest]:.2f} s ({slowest})"
             )
-        fills = count_messages(self.run_dir, "filling events")
+        fills = count_messages(self.run_dir, "filling ")  # events (dispatcher) or topics (bus)
         print(f"gaps in the bus filled from Postgres by gateways: {fills}")
         print("log lines at warning or above:")
         for line, count in log_warnings(self.run_dir).items():
@@ -1005,6 +1008,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rate", type=float, default=50.0, help="events per second")
     parser.add_argument("--ingest", choices=MODES, default="wal", help="ingest mode")
+    parser.add_argument("--bus", choices=("stream", "channels"), default="stream")
     args = parser.parse_args()
     if args.gateways < 1 or args.clients < 1 or args.rate <= 0:
         parser.error("--gateways and --clients need at least 1, --rate more than 0")
@@ -1015,6 +1019,7 @@ def main() -> None:
         clients=args.clients,
         rate=args.rate,
         ingest=args.ingest,
+        bus=args.bus,
     )
     with durable_logical_server() if args.ingest == "wal" else postgres_server() as pg:
         ok = asyncio.run(run(options, pg))
