@@ -105,7 +105,6 @@ class ChannelBus:
         self._published = 0
         self._drop_every = drop_every
         self._messages = 0
-        self._since: dict[ChannelKey, int] = {}
         self._merge: TopicMerge | None = None
         self._listeners: list[NodeListener] = []
         self._inbox: list[Item] = []
@@ -184,39 +183,37 @@ class ChannelBus:
 
     def subscribe(self, topics: Collection[ChannelKey], after: int) -> int:
         """Read `topics` from now on; returns `since` (at least `after` for a new topic,
-        the topic's own for one already read): every event of them past it is read."""
+        the topic's own for one already read, `TopicMerge.subscribe`): every event of them
+        past it is read. Before `read` starts, `after`: the read starts where it is asked."""
         since = 0
-        shards = self._shards
-        if self._merge is not None:
+        shards, merge = self._shards, self._merge
+        if merge is not None:
             self._eager_until = asyncio.get_running_loop().time() + EAGER_S
         for topic in topics:
-            known = self._since.get(topic)
-            if known is None:
-                channel = self.channel(topic)
-                self._topics[channel.encode()] = topic
-                if self._merge is not None and shards is not None:
-                    node = shards.node_of(channel)
-                    known = self._merge.subscribe(topic, node, after)
+            channel = self.channel(topic)
+            key = channel.encode()
+            known = after
+            if merge is not None and shards is not None:
+                node = shards.node_of(channel)
+                known = merge.subscribe(topic, node, after)
+                if key not in self._topics:
                     self._listeners[node].want((channel,))
-                else:
-                    known = after
-                self._since[topic] = known
+            self._topics[key] = topic
             since = max(since, known)
-        metrics.BUS_TOPICS.set(len(self._since))
+        metrics.BUS_TOPICS.set(len(self._topics))
         return since
 
     def unsubscribe(self, topics: Collection[ChannelKey]) -> None:
         """Stop reading `topics`."""
         shards = self._shards
         for topic in topics:
-            if self._since.pop(topic, None) is None:
-                continue
             channel = self.channel(topic)
-            del self._topics[channel.encode()]
+            if self._topics.pop(channel.encode(), None) is None:
+                continue
             if self._merge is not None and shards is not None:
                 self._merge.unsubscribe(topic)
                 self._listeners[shards.node_of(channel)].drop((channel,))
-        metrics.BUS_TOPICS.set(len(self._since))
+        metrics.BUS_TOPICS.set(len(self._topics))
 
     def readable(self) -> bool:
         """False after close() and while a node's subscription connection fails."""
@@ -241,7 +238,7 @@ class ChannelBus:
             NodeListener(node, url, self._deliver, self._closed, (self._ticks[node],))
             for node, url in enumerate(shards.urls)
         ]
-        for topic in self._since:
+        for topic in self._topics.values():
             channel = self.channel(topic)
             node = shards.node_of(channel)
             merge.subscribe(topic, node, after)
