@@ -48,7 +48,7 @@ from sync.bus_redis import RedisBus
 from sync.outbox import read_topics
 from sync.presence import PresenceUpdate
 from sync.retention import pruned_through
-from sync.shards import Heard, Item, Listening, Lost, NodeListener, Shards
+from sync.shards import Item, Listening, Lost, NodeListener, Shards
 from sync.topic_merge import Release, TopicMerge
 from sync.topics import topics_of
 
@@ -107,8 +107,11 @@ class ChannelBus:
         self._messages = 0
         self._merge: TopicMerge | None = None
         self._listeners: list[NodeListener] = []
-        self._inbox: list[Item] = []
-        """What the listeners delivered while a step was under way."""
+        self._inbox: list[tuple[int, list[Item]]] = []
+        """What the listeners delivered while a step was under way, by node."""
+        self._tick_bytes = self._topic_bytes = self._received = 0
+        """Bytes of ticks and of topic messages, and events, received since the last step
+        (counted into the metrics once per step, not once per read)."""
         self._stepping = False
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
@@ -255,7 +258,9 @@ class ChannelBus:
                 self._stepping = True
                 try:
                     inbox, self._inbox = self._inbox, []
-                    self._take_all(merge, inbox)
+                    for node, items in inbox:
+                        self._take_all(merge, node, items)
+                    self._count()
                     batch = await self._step(merge)
                 finally:
                     self._stepping = False
@@ -264,6 +269,7 @@ class ChannelBus:
                     yield batch
                 self._check(merge)
         finally:
+            self._count()
             self._merge, self._listeners = None, []
             if self._timer is not None:
                 self._timer.cancel()
@@ -272,18 +278,18 @@ class ChannelBus:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _deliver(self, items: list[Item]) -> None:
-        """What a node listener heard in one read (`sync.shards.Deliver`): taken into the
-        merge at once, unless a step is under way (then it waits in the inbox for the next);
-        the reader is woken when there is something to do (`_check`)."""
+    def _deliver(self, node: int, items: list[Item]) -> None:
+        """What node `node`'s listener heard in one read (`sync.shards.Deliver`): taken into
+        the merge at once, unless a step is under way (then it waits in the inbox for the
+        next); the reader is woken when there is something to do (`_check`)."""
         merge = self._merge
         if merge is None:
             return
         if self._stepping:
-            self._inbox += items
+            self._inbox.append((node, items))
             self._wake.set()
             return
-        self._take_all(merge, items)
+        self._take_all(merge, node, items)
         self._check(merge)
 
     def _check(self, merge: TopicMerge) -> None:
@@ -309,29 +315,32 @@ class ChannelBus:
         if self._merge is not None:
             self._wake.set()
 
-    def _take_all(self, merge: TopicMerge, items: list[Item]) -> None:
-        """Take `items` into the merge, counting the bytes and events received."""
-        tick_bytes = topic_bytes = received = 0
-        ticks, topics = self._tick_keys, self._topics
+    def _take_all(self, merge: TopicMerge, node: int, items: list[Item]) -> None:
+        """Take what node `node` delivered into the merge, counting bytes and events."""
+        tick, topics = self._tick_keys[node], self._topics
         for item in items:
-            if isinstance(item, Heard):
-                node, channel, data = item
-                if channel == ticks[node]:
-                    tick_bytes += len(data)
+            if type(item) is list:
+                channel, data = item[1], item[2]
+                if channel == tick:
+                    self._tick_bytes += len(data)
                     self._take_tick(merge, node, data)
                 elif (topic := topics.get(channel)) is not None:  # else unsubscribed meanwhile
-                    topic_bytes += len(data)
-                    received += self._take_message(merge, topic, data)
+                    self._topic_bytes += len(data)
+                    self._received += self._take_message(merge, topic, data)
             elif isinstance(item, Listening):
                 names = [t for c in item.channels if (t := self.topic_of(c)) is not None]
                 merge.listening(item.node, names, item.whole)
             elif isinstance(item, Lost):
                 merge.lost(item.node)
-        if tick_bytes:
-            _TICK_BYTES.inc(tick_bytes)
-        if topic_bytes:
-            _TOPIC_BYTES.inc(topic_bytes)
-            metrics.BUS_RECEIVED_EVENTS.inc(received)
+
+    def _count(self) -> None:
+        """Add what was received since the last call to the metrics."""
+        if self._tick_bytes:
+            _TICK_BYTES.inc(self._tick_bytes)
+        if self._topic_bytes:
+            _TOPIC_BYTES.inc(self._topic_bytes)
+            metrics.BUS_RECEIVED_EVENTS.inc(self._received)
+        self._tick_bytes = self._topic_bytes = self._received = 0
 
     def _take_message(self, merge: TopicMerge, topic: ChannelKey, data: bytes) -> int:
         """One topic message into the merge; returns its events (0 for one skipped)."""

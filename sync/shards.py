@@ -13,10 +13,10 @@ restarted (see the README).
 `NodeListener` holds one subscription connection to one node, with a set of shard channels
 that may grow and shrink (`want` and `drop` send SSUBSCRIBE and SUNSUBSCRIBE at once); on a
 failure it reconnects with backoff and jitter and subscribes its whole set again (FIELD-NOTES
-§4: its own connection, no retries inside a client library). What it hears goes to a callback,
-one list of items per socket read, in the node's order: `Heard` for each message, a
-`Listening` item per confirmed SSUBSCRIBE (`whole` once a (re)connection's whole set is
-confirmed) and `Lost` when the connection drops.
+§4: its own connection, no retries inside a client library). What it hears goes to a callback
+with the node's number, one list of items per socket read, in the node's order: each message
+as hiredis parsed it (`Heard`), a `Listening` item per confirmed SSUBSCRIBE (`whole` once a
+(re)connection's whole set is confirmed) and `Lost` when the connection drops.
 """
 
 import asyncio
@@ -25,7 +25,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import hiredis
@@ -59,13 +59,9 @@ _LISTEN_ERRORS = (OSError, EOFError, ValueError, hiredis.HiredisError)
 """What ends a subscription connection in the normal course: the network, the node, a refusal."""
 
 
-class Heard(NamedTuple):
-    """A message published on `channel` (its name as sent, bytes), heard from node `node`.
-    A tuple: one is built per message, on the hot path."""
-
-    node: int
-    channel: bytes
-    data: bytes
+Heard = list[bytes]
+"""A message as hiredis parses it: `[b"smessage", channel, data]` (the channel's name as sent).
+Handed on as parsed: nothing is built per message on the hot path."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +195,9 @@ class Shards:
             await client.aclose()
 
 
-Deliver = Callable[[list[Item]], None]
-"""Where a `NodeListener` hands what it hears: one call per read from its socket."""
+Deliver = Callable[[int, list[Item]], None]
+"""Where a `NodeListener` hands what it hears, with its node's number: one call per read from
+its socket."""
 
 
 class NodeListener:
@@ -255,7 +252,7 @@ class NodeListener:
         channels = set(channels)
         self._wanted.update(channels)
         if held := frozenset(channels & self._confirmed):
-            self._deliver([Listening(self.node, held, whole=False)])
+            self._deliver(self.node, [Listening(self.node, held, whole=False)])
         self._send("SSUBSCRIBE", channels - self._held)
 
     def drop(self, channels: Iterable[str]) -> None:
@@ -274,7 +271,7 @@ class NodeListener:
                     if not isinstance(exc, _LISTEN_ERRORS):
                         logger.exception("listening to node %s failed", self.url)
                     self._disconnect()
-                    self._deliver([Lost(self.node)])
+                    self._deliver(self.node, [Lost(self.node)])
                     await self._outages.back_off(
                         f"listening to node {self.url}", f"{type(exc).__name__}: {exc}"
                     )
@@ -318,9 +315,17 @@ class NodeListener:
         parser.feed(data)
         items: list[Item] = []
         while (reply := parser.gets()) is not False:
-            self._take(reply, items)
+            if (
+                type(reply) is list
+                and len(reply) == 3
+                and reply[0] == b"smessage"
+                and self._opening is None
+            ):
+                items.append(reply)  # the hot path: a message on a subscribed connection
+            else:
+                self._take(reply, items)
         if items:
-            self._deliver(items)
+            self._deliver(self.node, items)
 
     async def _watch(self) -> None:
         """Send PING after `WATCHDOG_IDLE_S` of silence; abort the connection (ending it with
@@ -340,9 +345,7 @@ class NodeListener:
 
     def _take(self, reply: Any, items: list[Item]) -> None:
         if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"smessage":
-            (self._early if self._opening is not None else items).append(
-                Heard(self.node, reply[1], reply[2])
-            )
+            (self._early if self._opening is not None else items).append(reply)
             return
         if isinstance(reply, hiredis.ReplyError):
             raise ValueError(f"node {self.url} refused a command: {reply}")
