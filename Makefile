@@ -42,10 +42,11 @@ chromium:
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-# The smoke tests of the benchmarks of Redis outages, fan-out and capacity inputs start many
-# processes for seconds each: `make test-bench` runs them, `make test` leaves them out.
+# The smoke tests of the benchmarks of Redis outages, fan-out, capacity inputs and bus input
+# start many processes for seconds each: `make test-bench` runs them, `make test` leaves them
+# out.
 BENCH_SMOKE := tests/bench/test_degraded_smoke.py tests/bench/test_fanout_smoke.py \
-	tests/bench/test_capacity_smoke.py
+	tests/bench/test_capacity_smoke.py tests/bench/test_input_share_smoke.py
 
 test: lint chromium
 	node --test client/test/

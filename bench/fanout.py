@@ -53,9 +53,11 @@ against a baseline of the same invocation:
    `bench.bus_input` processes beside the gateways, each the bus reader of a replica alone
    (no HTTP server, dispatcher or presence): on the stream bus one reading everything, on the
    channel bus one subscribing quarter 0's topics (what its loaded gateway subscribes) and one
-   subscribing none (ticks only). Their CPU over the window, as a share of the reader of
-   everything, is the direct bus-input share (goal: at most 0.35), with the events each read
-   against those published for quarter 0, and any read out of order or past a gap.
+   subscribing none (ticks only). Their CPU over the window (time on a cpu, from
+   `/proc/<pid>/task/*/schedstat`), as a share of the reader of everything, is the direct
+   bus-input share (goal: at most 0.35), with the events each read against those published
+   for quarter 0, and any read out of order or past a gap. `bench.input_share` measures the
+   same readers with a core of their own.
 
 2. **Targeted on one Redis** (`targeted`): the suite's `targeted` scenario (bench/scenarios.py:
    10,000 users, 5,000 user events/s, gateway pinned to cpu 0, client, publisher and relay on
@@ -103,7 +105,15 @@ from bench import loadclient, scenarios
 from bench.database import wait_leading
 from bench.latency import describe, server_for
 from bench.loadclient import LoadResult
-from bench.scenarios import EVENT_STREAM_HEADERS, FULL, QUICK, Context, cpu_seconds, parse_cpus
+from bench.scenarios import (
+    EVENT_STREAM_HEADERS,
+    FULL,
+    QUICK,
+    Context,
+    cpu_seconds,
+    on_cpu_seconds,
+    parse_cpus,
+)
 from bench.suite import Bus, machine, target_factory
 from bench.targets import payload
 from core.publish import OutboxEvent, publish_many
@@ -598,19 +608,28 @@ def start_profiles(
     return started
 
 
-async def measure_run(
-    pg: PgServer, options: Options, setup: BusSetup, repeat: int, log_dir: Path
-) -> dict[str, Any]:
-    """One run on `setup`'s bus (module docstring, claim 1); returns its figures. Raises
-    TimeoutError when the relay does not lead or the streams do not open in time,
-    RuntimeError when a process or a load client fails, what asyncpg raises."""
-    world = options.world
-    name = f"usfanout_{nanoid.generate('abcdefghijklmnopqrstuvwxyz', 8)}"
-    run_logs = log_dir / f"{setup.name}-{repeat}"
-    run_logs.mkdir(parents=True, exist_ok=True)
+async def seeded_database(pg: PgServer, name: str, world: World, ingest: Mode) -> str:
+    """A new database `name` on `pg`, migrated, in `ingest` mode and holding `world`; returns
+    its DSN. Dropped again if any of that fails (what asyncpg raises)."""
     dsn = await pg.create_database(name)
-    prefix = f"{name}:"
-    processes = Processes(
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+            await set_ingest_mode(conn, ingest)
+            await seed_world(conn, world)
+        finally:
+            await conn.close()
+    except BaseException:
+        await pg.drop_database(name)
+        raise
+    return dsn
+
+
+def run_processes(setup: BusSetup, dsn: str, prefix: str) -> Processes:
+    """The relay and gateways of a run on `setup`'s bus, its keys and channels under
+    `prefix`: warnings only in their logs, no drain on stop."""
+    return Processes(
         {
             "DATABASE_URL": dsn,
             "REDIS_URL": setup.url,
@@ -621,18 +640,26 @@ async def measure_run(
             "USERSTREAM_DRAIN_S": "0",
         }
     )
+
+
+async def measure_run(
+    pg: PgServer, options: Options, setup: BusSetup, repeat: int, log_dir: Path
+) -> dict[str, Any]:
+    """One run on `setup`'s bus (module docstring, claim 1); returns its figures. Raises
+    TimeoutError when the relay does not lead or the streams do not open in time,
+    RuntimeError when a process or a load client fails, what asyncpg raises."""
+    world = options.world
+    name = f"usfanout_{nanoid.generate('abcdefghijklmnopqrstuvwxyz', 8)}"
+    run_logs = log_dir / f"{setup.name}-{repeat}"
+    run_logs.mkdir(parents=True, exist_ok=True)
+    dsn = await seeded_database(pg, name, world, options.ingest)
+    prefix = f"{name}:"
+    processes = run_processes(setup, dsn, prefix)
     loads: list[asyncio.Task[LoadResult]] = []
     readers: list[InputReader] = []
     stop = asyncio.Event()
     publishing: asyncio.Task[None] | None = None
     try:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate(conn)
-            await set_ingest_mode(conn, options.ingest)
-            await seed_world(conn, world)
-        finally:
-            await conn.close()
         relay = processes.start("relay", log_file=run_logs / "relay.log")
         gateways, _ = await asyncio.gather(
             start_gateways(processes, world.quarters + 1, run_logs),
@@ -809,9 +836,9 @@ def start_input_reader(
 
 
 async def input_counts(reader: InputReader) -> dict[str, Any]:
-    """`reader`'s CPU seconds (read first) and the counts it appends on SIGUSR1. Raises
-    RuntimeError when it exited or appends nothing within `REPORT_WAIT_S`."""
-    cpu = cpu_seconds([reader.process.pid])
+    """`reader`'s time on a cpu (s, `on_cpu_seconds`, read first) and the counts it appends on
+    SIGUSR1. Raises RuntimeError when it exited or appends nothing within `REPORT_WAIT_S`."""
+    cpu = on_cpu_seconds([reader.process.pid])
     lines = reader.out.read_bytes().count(b"\n") if reader.out.exists() else 0
     reader.process.send_signal(signal.SIGUSR1)
     deadline = time.monotonic() + REPORT_WAIT_S
@@ -1128,6 +1155,24 @@ def targeted_line(row: dict[str, Any]) -> str:
 # --- the whole benchmark -----------------------------------------------------------------------
 
 
+def bus_setups(single: RedisProcess, cluster: RedisCluster) -> dict[str, BusSetup]:
+    """The runs' buses (`SETUPS`) by name: the stream bus and the channel bus on `single`, the
+    channel bus on `cluster`."""
+    return {
+        STREAM: BusSetup(STREAM, "stream", single.url, "one Redis", (single.port,)),
+        CHANNELS_SINGLE: BusSetup(
+            CHANNELS_SINGLE, "channels", single.url, "one Redis", (single.port,)
+        ),
+        CHANNELS_CLUSTER: BusSetup(
+            CHANNELS_CLUSTER,
+            "channels",
+            cluster.url,
+            f"a Redis Cluster of {len(cluster.ports)}",
+            tuple(cluster.ports),
+        ),
+    }
+
+
 async def measure_fanout(pg: PgServer, options: Options) -> dict[str, Any]:
     """Claim 1 (module docstring): the setups of `options.setups`, alternating,
     `options.repeats` times each; the stream bus and the channel bus on one Redis share a Redis
@@ -1142,19 +1187,7 @@ async def measure_fanout(pg: PgServer, options: Options) -> dict[str, Any]:
             await asyncio.to_thread(single.start)
         if options.repeats > 0 and CHANNELS_CLUSTER in options.setups:
             await asyncio.to_thread(cluster.start)
-        every = {
-            STREAM: BusSetup(STREAM, "stream", single.url, "one Redis", (single.port,)),
-            CHANNELS_SINGLE: BusSetup(
-                CHANNELS_SINGLE, "channels", single.url, "one Redis", (single.port,)
-            ),
-            CHANNELS_CLUSTER: BusSetup(
-                CHANNELS_CLUSTER,
-                "channels",
-                cluster.url,
-                f"a Redis Cluster of {options.nodes}",
-                tuple(cluster.ports),
-            ),
-        }
+        every = bus_setups(single, cluster)
         for repeat in range(1, options.repeats + 1):
             for name in options.setups:
                 run = await measure_run(pg, options, every[name], repeat, log_dir)
