@@ -25,8 +25,9 @@ of `--window` seconds:
 
 Reported per interval and setup: each reader's CPU (s/s, mean over repeats), its share of the
 reader of everything of the same interval (goal for quarter 0 on the cluster: at most 0.35),
-per repeat too, the events and batches read per second, and any event read out of order or
-batch past a gap (each must be 0). Prints a table and writes JSON to `--out`.
+per repeat too, the events and batches read per second, any event read out of order or batch
+past a gap (each must be 0), and the relay's CPU against the stream bus's relay. Prints a
+table and writes JSON to `--out`.
 
     .venv/bin/python -m bench.input_share [--commit-ms 10,50] [--repeats 2] [--window 30]
         [--warmup 5] [--rate 2000] [--nodes 3] [--reader-cpus 0]
@@ -75,7 +76,7 @@ from bench.fanout import (
     stop_input_readers,
 )
 from bench.latency import server_for
-from bench.scenarios import parse_cpus
+from bench.scenarios import on_cpu_seconds, parse_cpus
 from bench.suite import machine
 from core.schema.ingest import Mode
 from tests.redis_cluster import RedisCluster
@@ -112,8 +113,8 @@ async def measure_setup(
     pg: PgServer, options: Options, setup: BusSetup, commit_s: float, log_dir: Path
 ) -> dict[str, Any]:
     """One run of `setup` (module docstring); returns each reader's figures (`input_row`) and
-    the relay's. Raises TimeoutError when the relay does not lead, RuntimeError when a reader
-    exits or reports nothing, what asyncpg raises."""
+    the relay's CPU (s/s). Raises TimeoutError when the relay does not lead, RuntimeError when
+    a reader exits or reports nothing, what asyncpg raises."""
     world = options.world
     name = f"usinput_{nanoid.generate('abcdefghijklmnopqrstuvwxyz', 8)}"
     run_logs = log_dir / name
@@ -125,7 +126,7 @@ async def measure_setup(
     stop = asyncio.Event()
     publishing: asyncio.Task[None] | None = None
     try:
-        processes.start("relay", log_file=run_logs / "relay.log")
+        relay = processes.start("relay", log_file=run_logs / "relay.log")
         await wait_leading(dsn, options.ingest)
         kind = STREAM if setup.bus == STREAM else "channels"
         for label in INPUT_READERS[kind]:
@@ -137,9 +138,10 @@ async def measure_setup(
         publishing = asyncio.create_task(publisher.run(stop), name="publisher")
         await asyncio.sleep(options.warmup_s)
         starts = [await input_counts(r) for r in readers]
-        began = time.monotonic()
+        relay_cpu, began = on_cpu_seconds([relay.pid]), time.monotonic()
         await asyncio.sleep(options.window_s)
         seconds = time.monotonic() - began
+        relay_cpu = on_cpu_seconds([relay.pid]) - relay_cpu
         ends = [await input_counts(r) for r in readers]
         stop.set()
         await publishing
@@ -155,6 +157,7 @@ async def measure_setup(
         "setup": setup.name,
         "commit_ms": commit_s * 1000,
         "window_s": seconds,
+        "relay_cpu_per_s": relay_cpu / seconds,
         "inputs": {
             r.label: input_row(first, last, seconds, None)
             for r, first, last in zip(readers, starts, ends, strict=True)
@@ -170,6 +173,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for commit_ms in sorted({run["commit_ms"] for run in runs}):
         of = [run for run in runs if run["commit_ms"] == commit_ms]
         everything = [r["inputs"]["everything"]["cpu_per_s"] for r in of if r["setup"] == STREAM]
+        stream_relay = mean([r["relay_cpu_per_s"] for r in of if r["setup"] == STREAM])
         for setup in (CHANNELS_SINGLE, CHANNELS_CLUSTER):
             these = [run for run in of if run["setup"] == setup]
             if not these or not everything:
@@ -177,6 +181,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             quarter = [r["inputs"]["quarter0"]["cpu_per_s"] for r in these]
             ticks = [r["inputs"]["no-topics"]["cpu_per_s"] for r in these]
             share = ratio(mean(quarter), mean(everything))
+            relay = mean([r["relay_cpu_per_s"] for r in these])
             inputs = [row for run in of for row in run["inputs"].values()]
             rows.append(
                 {
@@ -196,6 +201,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "batches_per_s": mean(
                         [r["inputs"]["quarter0"]["batches_per_s"] for r in these]
                     ),
+                    "relay_cpu_per_s": relay,
+                    "relay_of_stream": ratio(relay, stream_relay),
                     "disorder": sum(row["disorder"] for row in inputs),
                     "gaps": sum(row["gaps"] for row in inputs),
                     "goal_met": share is not None and share <= GOAL_BUS_INPUT,
@@ -234,7 +241,11 @@ def line(run: dict[str, Any]) -> str:
         f"{label} {row['cpu_per_s'] * 1000:.2f} ms/s ({row['events_per_s']:.0f} events/s)"
         for label, row in run["inputs"].items()
     )
-    return f"commit {run['commit_ms']:g} ms, repeat {run['repeat']}, {run['setup']}: {readers}"
+    relay = run["relay_cpu_per_s"] * 1000
+    return (
+        f"commit {run['commit_ms']:g} ms, repeat {run['repeat']}, {run['setup']}: {readers};"
+        f" relay {relay:.1f} ms/s"
+    )
 
 
 def print_summary(rows: Sequence[dict[str, Any]]) -> None:

@@ -6,8 +6,8 @@ SLOTS` (the primaries and the hash slots each serves), else the one server serve
 A channel lives on the node serving its hash slot (redis.io "Cluster specification", key hash
 tags; redis-py's `key_slot`), so `SPUBLISH` and `SSUBSCRIBE` of it go to that node (redis.io
 "Sharded Pub/Sub"; a single Redis 7 takes them as plain pub/sub). Publishing sends each node
-its messages in one pipeline, in the order given: a node delivers them to each subscriber in
-that order. The slot map is read once; a cluster whose slots move needs the gateways
+its messages in one write on a connection of its own (`NodePublisher`), in the order given: a
+node delivers them to each subscriber in that order. The slot map is read once; a cluster whose slots move needs the gateways
 restarted (see the README).
 
 `NodeListener` holds one subscription connection to one node, with a set of shard channels
@@ -51,6 +51,9 @@ PONG_TIMEOUT_S = 5.0
 """Seconds after that `PING` within which something must arrive, or the connection is made
 again."""
 
+READ_BYTES = 65_536
+"""Bytes asked of a publishing connection's socket per read of replies."""
+
 SUBSCRIBE_CHUNK = 1000
 """Channels named by one SSUBSCRIBE or SUNSUBSCRIBE command at most."""
 
@@ -92,7 +95,7 @@ class Shards:
     starts: tuple[int, ...] = (0,)
     owners: tuple[int, ...] = (0,)
     cluster: bool = False
-    _clients: dict[int, aioredis.Redis] = field(default_factory=dict, compare=False)
+    _publishers: dict[int, "NodePublisher"] = field(default_factory=dict, compare=False)
 
     @classmethod
     async def discover(cls, url: str) -> "Shards":
@@ -166,33 +169,93 @@ class Shards:
         raise ValueError(f"node {node} serves no slot")
 
     async def publish(self, messages: Sequence[Sequence[tuple[str, bytes]]]) -> None:
-        """`SPUBLISH` `messages[node]` (channel, payload) to each node, in order, one
-        pipeline per node, the nodes in parallel. Raises ConnectionError when a node is
-        unreachable or slower than COMMAND_TIMEOUT_S (some messages may have gone out)."""
-        sends = [self._send(node, batch) for node, batch in enumerate(messages) if batch]
+        """`SPUBLISH` `messages[node]` (channel, payload) to each node, in order, one write
+        per node (`NodePublisher`), the nodes in parallel. Raises ConnectionError when a node
+        is unreachable, refuses a command or is slower than COMMAND_TIMEOUT_S (some messages
+        may have gone out)."""
+        sends = [self._publisher(n).publish(batch) for n, batch in enumerate(messages) if batch]
         try:
             async with asyncio.timeout(COMMAND_TIMEOUT_S):
                 await asyncio.gather(*sends)
-        except _TRANSPORT_ERRORS as exc:  # asyncio's TimeoutError is an OSError
+        except (ConnectionError, OSError, EOFError) as exc:  # asyncio's TimeoutError too
             raise ConnectionError(f"publishing to the bus: {type(exc).__name__}: {exc}") from exc
 
-    async def _send(self, node: int, batch: Sequence[tuple[str, bytes]]) -> None:
-        client = self._clients.get(node)
-        if client is None:
-            client = self._clients[node] = aioredis.Redis.from_url(
-                self.urls[node], socket_connect_timeout=CONNECT_TIMEOUT_S
-            )
-        async with client.pipeline(transaction=False) as pipe:
-            for channel, payload in batch:
-                pipe.spublish(channel, payload)
-            await pipe.execute()
+    def _publisher(self, node: int) -> "NodePublisher":
+        publisher = self._publishers.get(node)
+        if publisher is None:
+            publisher = self._publishers[node] = NodePublisher(self.urls[node])
+        return publisher
 
     async def close(self) -> None:
         """Close the publishing connections."""
-        clients = list(self._clients.values())
-        self._clients.clear()
-        for client in clients:
-            await client.aclose()
+        publishers = list(self._publishers.values())
+        self._publishers.clear()
+        for publisher in publishers:
+            publisher.close()
+
+
+class NodePublisher:
+    """One connection to the node at `url` for `SPUBLISH`, made on first use and again after
+    a failure. A batch's commands go out in one write (with `AUTH` first on a new connection
+    when the URL holds a password), and their replies, one integer each (the subscribers
+    reached), are parsed by hiredis's `Reader`: redis-py's pipeline spends several µs of
+    Python per command packing it and parsing its reply, on the relay's hot path. One batch
+    at a time. Raises ConnectionError when the node cannot be reached, closes the connection
+    or refuses a command; the connection is then made anew on the next use.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._lock = asyncio.Lock()
+
+    async def publish(self, batch: Sequence[tuple[str, bytes]]) -> None:
+        """`SPUBLISH` each (channel, payload) of `batch`, in order, and wait until the node
+        answered every one. A failure or a cancellation (a timeout) closes the connection:
+        how much of the batch went out is then unknown."""
+        async with self._lock:
+            try:
+                fresh = self._stream is None
+                reader, writer = await self._connection()
+                preamble = self._auth() if fresh else b""
+                writer.write(preamble + b"".join(command("SPUBLISH", c, p) for c, p in batch))
+                await writer.drain()
+                parser, left = hiredis.Reader(), len(batch) + (1 if preamble else 0)
+                while left:
+                    data = await reader.read(READ_BYTES)
+                    if not data:
+                        raise ConnectionError(f"node {self.url} closed the connection")
+                    parser.feed(data)
+                    while left and (reply := parser.gets()) is not False:
+                        if isinstance(reply, hiredis.ReplyError):
+                            raise ConnectionError(f"node {self.url} refused a command: {reply}")
+                        left -= 1
+            except BaseException:
+                self.close()
+                raise
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._stream is None:
+            parts = urlsplit(self.url)
+            context = ssl.create_default_context() if parts.scheme == "rediss" else None
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                self._stream = await asyncio.open_connection(
+                    parts.hostname or "127.0.0.1", parts.port or 6379, ssl=context
+                )
+        return self._stream
+
+    def _auth(self) -> bytes:
+        parts = urlsplit(self.url)
+        if not parts.password:
+            return b""
+        user = unquote(parts.username) if parts.username else None
+        return command("AUTH", *(u for u in (user,) if u), unquote(parts.password))
+
+    def close(self) -> None:
+        """Close the connection (a new one is made on the next use)."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream[1].close()
 
 
 Deliver = Callable[[int, list[Item]], None]
