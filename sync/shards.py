@@ -7,8 +7,8 @@ A channel lives on the node serving its hash slot (redis.io "Cluster specificati
 tags; redis-py's `key_slot`), so `SPUBLISH` and `SSUBSCRIBE` of it go to that node (redis.io
 "Sharded Pub/Sub"; a single Redis 7 takes them as plain pub/sub). Publishing sends each node
 its messages in one write on a connection of its own (`NodePublisher`), in the order given: a
-node delivers them to each subscriber in that order. The slot map is read once; a cluster whose slots move needs the gateways
-restarted (see the README).
+node delivers them to each subscriber in that order. The slot map is read once; a cluster
+whose slots move needs the gateways restarted (see the README).
 
 `NodeListener` holds one subscription connection to one node, with a set of shard channels
 that may grow and shrink (`want` and `drop` send SSUBSCRIBE and SUNSUBSCRIBE at once); on a
