@@ -217,7 +217,7 @@ class NodePublisher:
             try:
                 fresh = self._stream is None
                 reader, writer = await self._connection()
-                preamble = self._auth() if fresh else b""
+                preamble = _auth(self.url) if fresh else b""
                 writer.write(preamble + b"".join(command("SPUBLISH", c, p) for c, p in batch))
                 await writer.drain()
                 parser, left = hiredis.Reader(), len(batch) + (1 if preamble else 0)
@@ -236,20 +236,10 @@ class NodePublisher:
 
     async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._stream is None:
-            parts = urlsplit(self.url)
-            context = ssl.create_default_context() if parts.scheme == "rediss" else None
+            host, port, context = _address(self.url)
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                self._stream = await asyncio.open_connection(
-                    parts.hostname or "127.0.0.1", parts.port or 6379, ssl=context
-                )
+                self._stream = await asyncio.open_connection(host, port, ssl=context)
         return self._stream
-
-    def _auth(self) -> bytes:
-        parts = urlsplit(self.url)
-        if not parts.password:
-            return b""
-        user = unquote(parts.username) if parts.username else None
-        return command("AUTH", *(u for u in (user,) if u), unquote(parts.password))
 
     def close(self) -> None:
         """Close the connection (a new one is made on the next use)."""
@@ -347,22 +337,17 @@ class NodeListener:
         what ended it."""
         loop = asyncio.get_running_loop()
         ended: asyncio.Future[BaseException] = loop.create_future()
-        parts = urlsplit(self.url)
-        context = ssl.create_default_context() if parts.scheme == "rediss" else None
+        host, port, context = _address(self.url)
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             transport, _ = await loop.create_connection(
-                lambda: _Subscription(self._received, ended),
-                parts.hostname or "127.0.0.1",
-                parts.port or 6379,
-                ssl=context,
+                lambda: _Subscription(self._received, ended), host, port, ssl=context
             )
         self._transport, self._parser = transport, hiredis.Reader()
         self._heard = time.monotonic()
         self._held, self._confirmed = set(), set()
         self._opening = set(self._wanted)
-        if parts.password:  # its OK is read as any other reply; a refusal ends the connection
-            user = unquote(parts.username) if parts.username else None
-            self._write(command("AUTH", *(u for u in (user,) if u), unquote(parts.password)))
+        if auth := _auth(self.url):  # its OK is read as any other reply; a refusal ends it
+            self._write(auth)
         self._send("SSUBSCRIBE", self._wanted)
         watchdog = asyncio.ensure_future(self._watch())
         try:
@@ -378,13 +363,8 @@ class NodeListener:
         parser.feed(data)
         items: list[Item] = []
         while (reply := parser.gets()) is not False:
-            if (
-                type(reply) is list
-                and len(reply) == 3
-                and reply[0] == b"smessage"
-                and self._opening is None
-            ):
-                items.append(reply)  # the hot path: a message on a subscribed connection
+            if type(reply) is list and len(reply) == 3 and reply[0] == b"smessage":
+                (items if self._opening is None else self._early).append(reply)
             else:
                 self._take(reply, items)
         if items:
@@ -407,9 +387,7 @@ class NodeListener:
                 self._transport.abort()
 
     def _take(self, reply: Any, items: list[Item]) -> None:
-        if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"smessage":
-            (self._early if self._opening is not None else items).append(reply)
-            return
+        """A reply other than a message: a refusal, a (un)subscription's confirmation, PONG."""
         if isinstance(reply, hiredis.ReplyError):
             raise ValueError(f"node {self.url} refused a command: {reply}")
         if not isinstance(reply, list) or len(reply) < 3:
@@ -490,6 +468,22 @@ class _Subscription(asyncio.Protocol):
             self._ended.set_result(cause)
 
 
+def _address(url: str) -> tuple[str, int, ssl.SSLContext | None]:
+    """Host, port and TLS context (for `rediss://`) of a redis-py URL."""
+    parts = urlsplit(url)
+    context = ssl.create_default_context() if parts.scheme == "rediss" else None
+    return parts.hostname or "127.0.0.1", parts.port or 6379, context
+
+
+def _auth(url: str) -> bytes:
+    """The `AUTH` command of a redis-py URL's credentials; empty when it holds no password."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return b""
+    user = unquote(parts.username) if parts.username else None
+    return command("AUTH", *(u for u in (user,) if u), unquote(parts.password))
+
+
 def command(*parts: str | bytes) -> bytes:
     """A command in RESP (redis.io "Redis serialization protocol"): an array of bulk strings."""
     chunks = [b"*%d\r\n" % len(parts)]
@@ -497,9 +491,3 @@ def command(*parts: str | bytes) -> bytes:
         data = part.encode() if isinstance(part, str) else part
         chunks.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(chunks)
-
-
-def _text(value: object) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode()
-    return value if isinstance(value, str) else None

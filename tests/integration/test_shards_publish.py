@@ -2,14 +2,14 @@
 commands written in one go, replies parsed by hiredis) delivers a batch in order to a
 `NodeListener`, reuses its connection for the next batch, raises ConnectionError while the
 server is down and reconnects once it is back, and turns a refused command into
-ConnectionError."""
+ConnectionError; a `NodeListener` whose `AUTH` is refused keeps failing and hears nothing."""
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from sync.shards import Item, Listening, NodeListener, Shards
+from sync.shards import Item, Listening, Lost, NodeListener, Shards
 from tests.services import RedisProcess
 
 CHANNEL = "ustest:shards:{t}"
@@ -24,17 +24,21 @@ def server() -> Iterator[RedisProcess]:
 
 
 class Heard:
-    """What a `NodeListener` on `CHANNEL` delivers: its payloads, in order."""
+    """What a `NodeListener` on `CHANNEL` delivers: its payloads, in order, whether its whole
+    set was confirmed and whether its connection was lost."""
 
     def __init__(self) -> None:
         self.payloads: list[bytes] = []
         self.subscribed = asyncio.Event()
+        self.lost = asyncio.Event()
         self._changed = asyncio.Event()
 
     def deliver(self, node: int, items: list[Item]) -> None:
         for item in items:
             if isinstance(item, Listening) and item.whole:
                 self.subscribed.set()
+            elif isinstance(item, Lost):
+                self.lost.set()
             elif isinstance(item, list):
                 self.payloads.append(item[2])
         self._changed.set()
@@ -108,3 +112,18 @@ async def test_a_refused_command_is_a_connection_error(server: RedisProcess) -> 
             await shards.publish([numbered(0, 1)])
     finally:
         await shards.close()
+
+
+async def test_a_listener_whose_auth_is_refused_keeps_failing(server: RedisProcess) -> None:
+    heard, closed = Heard(), asyncio.Event()
+    url = f"redis://:wrong@127.0.0.1:{server.port}/0"  # the server has no password
+    listener = NodeListener(0, url, heard.deliver, closed, (CHANNEL,))
+    task = asyncio.create_task(listener.run())
+    try:
+        async with asyncio.timeout(WAIT_S):
+            await heard.lost.wait()
+        assert listener.failing and not heard.subscribed.is_set()
+    finally:
+        closed.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
