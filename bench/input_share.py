@@ -74,6 +74,7 @@ from bench.fanout import (
     seeded_database,
     start_input_reader,
     stop_input_readers,
+    summarize_inputs,
 )
 from bench.latency import server_for
 from bench.scenarios import on_cpu_seconds, parse_cpus
@@ -166,46 +167,35 @@ async def measure_setup(
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per commit interval and channel-bus setup: the mean CPU (s/s) of each reader and its
-    share of the stream bus's reader of everything of the same interval, overall and per
-    repeat (runs are in repeat order), with the events read and any disorder or gap."""
+    """Per commit interval and channel-bus setup, `bench.fanout.summarize_inputs` of its runs
+    against the stream bus's of the same interval (each reader's mean CPU in s/s and its share
+    of the reader of everything, overall and per repeat), with the quarter-0 reader's events
+    and batches per second, the relay's CPU and its ratio to the stream bus's relay, and any
+    disorder or gap of any reader of the interval."""
     rows = []
     for commit_ms in sorted({run["commit_ms"] for run in runs}):
         of = [run for run in runs if run["commit_ms"] == commit_ms]
-        everything = [r["inputs"]["everything"]["cpu_per_s"] for r in of if r["setup"] == STREAM]
-        stream_relay = mean([r["relay_cpu_per_s"] for r in of if r["setup"] == STREAM])
+        stream = [run for run in of if run["setup"] == STREAM]
         for setup in (CHANNELS_SINGLE, CHANNELS_CLUSTER):
             these = [run for run in of if run["setup"] == setup]
-            if not these or not everything:
+            if not these or not stream:
                 continue
-            quarter = [r["inputs"]["quarter0"]["cpu_per_s"] for r in these]
-            ticks = [r["inputs"]["no-topics"]["cpu_per_s"] for r in these]
-            share = ratio(mean(quarter), mean(everything))
+            inputs = summarize_inputs(stream, these)
             relay = mean([r["relay_cpu_per_s"] for r in these])
-            inputs = [row for run in of for row in run["inputs"].values()]
+            quarter = [r["inputs"]["quarter0"] for r in these]
+            every_row = [row for run in of for row in run["inputs"].values()]
             rows.append(
                 {
                     "commit_ms": commit_ms,
                     "setup": setup,
-                    "everything_cpu_per_s": mean(everything),
-                    "quarter_cpu_per_s": mean(quarter),
-                    "ticks_only_cpu_per_s": mean(ticks),
-                    "share": share,
-                    "share_per_repeat": [
-                        ratio(q, e) for q, e in zip(quarter, everything, strict=False)
-                    ],
-                    "ticks_only_share": ratio(mean(ticks), mean(everything)),
-                    "quarter_events_per_s": mean(
-                        [r["inputs"]["quarter0"]["events_per_s"] for r in these]
-                    ),
-                    "batches_per_s": mean(
-                        [r["inputs"]["quarter0"]["batches_per_s"] for r in these]
-                    ),
+                    **inputs,
+                    "quarter_events_per_s": mean([q["events_per_s"] for q in quarter]),
+                    "batches_per_s": mean([q["batches_per_s"] for q in quarter]),
                     "relay_cpu_per_s": relay,
-                    "relay_of_stream": ratio(relay, stream_relay),
-                    "disorder": sum(row["disorder"] for row in inputs),
-                    "gaps": sum(row["gaps"] for row in inputs),
-                    "goal_met": share is not None and share <= GOAL_BUS_INPUT,
+                    "relay_of_stream": ratio(relay, mean([r["relay_cpu_per_s"] for r in stream])),
+                    "disorder": sum(row["disorder"] for row in every_row),
+                    "gaps": sum(row["gaps"] for row in every_row),
+                    "goal_met": inputs["share"] is not None and inputs["share"] <= GOAL_BUS_INPUT,
                 }
             )
     return rows
